@@ -1,0 +1,32 @@
+# `make demo` and `make test` build .venv themselves; override TORCH_SPEC for a CUDA build,
+# e.g. `make test TORCH_SPEC='torch --index-url https://download.pytorch.org/whl/cu124'`.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The stamp is refreshed when pyproject.toml or the Makefile changes, so `make` stays idempotent.
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/lmforge quickstart
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python bench/pretrain_cpu.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,1 @@
+"""Tokenizers (train, build, load) and token shards (write, read)."""

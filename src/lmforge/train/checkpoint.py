@@ -1,0 +1,101 @@
+"""Atomic checkpoints: an HF model directory plus trainer_state.pt, named by a `latest` pointer.
+
+A checkpoint is written into a temporary directory, fsynced, renamed to `step-NNNNNNN`, and only
+then is `latest` replaced (itself via a temp file and os.replace), so a process killed at any
+moment leaves `latest` naming a complete checkpoint. trainer_state.pt holds only tensors and
+plain Python values and is read with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_dir(path: Path, hf_state: dict[str, torch.Tensor], hf_config, tokenizer_dir: Path | None,
+                    eos_id: int | None) -> None:
+    """An HF model directory: config.json, model.safetensors, generation_config.json, tokenizer files."""
+    from transformers import GenerationConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(path)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in hf_state.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    GenerationConfig(eos_token_id=eos_id, bos_token_id=None, pad_token_id=eos_id, do_sample=True,
+                     temperature=0.8, top_k=200).save_pretrained(path)
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
+                shutil.copy2(f, path / f.name)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, hf_state: dict, hf_config, trainer_state: dict,
+                    tokenizer_dir: Path | None, eos_id: int | None, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, and prune to the newest `keep_last`."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(tmp, hf_state, hf_config, tokenizer_dir, eos_id)
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun after rollback can reach the same step again
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    pointer_tmp = ckpt_root / f".{LATEST}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    with open(pointer_tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(pointer_tmp, ckpt_root / LATEST)
+    _fsync_dir(ckpt_root)
+    prune(ckpt_root, keep_last)
+    return final
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of killed writes."""
+    for leftover in ckpt_root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    latest = latest_checkpoint(ckpt_root)
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if latest is None or old.resolve() != latest.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when there is none yet."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    if not (path / "trainer_state.pt").is_file() or not (path / "model.safetensors").is_file():
+        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF-named model weights, trainer state) of a checkpoint directory; no pickled code is run."""
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return load_file(str(path / "model.safetensors")), state
+

@@ -1,0 +1,99 @@
+"""The pretraining config: one pydantic model per section, validated before any work starts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmforge.config import Strict
+from lmforge.model.config import ModelConfig
+
+
+class DataConfig(Strict):
+    dir: Path = Field(description="directory with train.bin, val.bin and meta.json (lmforge tokenize, or nanoGPT's prepare.py)")
+    # random: nanoGPT-style random windows; sequential: consecutive windows, epoch after epoch.
+    sampling: Literal["random", "sequential"] = "random"
+    seq_len: int | None = Field(None, gt=1, description="window length; default model.max_seq_len")
+
+    @field_validator("dir")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not (v / "train.bin").is_file():
+            raise ValueError(f"{v}/train.bin does not exist (make it with `lmforge tokenize`)")
+        return v
+
+
+class TrainConfig(Strict):
+    max_steps: int = Field(1000, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="windows per forward pass on one process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int | None = Field(None, gt=0, description="steps over which lr decays to min_lr; default max_steps")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping (the norm is still logged)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch; default all cores (per process)")
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(250, ge=0, description="0 disables periodic eval (one still runs at the end)")
+    eval_batches: int = Field(20, gt=0)
+    ckpt_every: int = Field(1000, ge=0, description="0: only the final checkpoint")
+    keep_last: int = Field(3, gt=0, description="checkpoints kept; older ones are deleted")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}")
+        return self
+
+
+class GuardConfig(Strict):
+    """Troubleshooting made automatic: skip bad updates, roll back, or stop with a reason."""
+
+    skip_nonfinite: bool = True
+    spike_factor: float = Field(0.0, ge=0, description="skip a step whose loss exceeds k x running median; 0 disables")
+    spike_window: int = Field(100, gt=1)
+    spike_warmup: int = Field(50, ge=0, description="steps before spike detection starts")
+    max_bad_steps: int = Field(5, gt=0, description="consecutive skipped steps before rollback/stop")
+    on_repeated_bad: Literal["rollback", "stop"] = "rollback"
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1)
+    max_rollbacks: int = Field(3, ge=0)
+    oom_retry: bool = True
+    # Test hooks: make these (1-based) steps produce a NaN loss / a CUDA out-of-memory error on purpose.
+    debug_nan_steps: list[int] = []
+    debug_oom_steps: list[int] = []
+
+
+class LogConfig(Strict):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "lmforge"
+    progress: bool = True
+
+
+class PretrainConfig(Strict):
+    out_dir: Path = Path("runs/pretrain")
+    seed: int = 1337
+    resume: str = Field("auto", description="auto (from out_dir/checkpoints/latest if any) | never | PATH to a checkpoint")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    guards: GuardConfig = GuardConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str) -> str:
+        if v not in ("auto", "never") and not Path(v, "trainer_state.pt").is_file():
+            raise ValueError(f"{v} is not a checkpoint directory (no trainer_state.pt); use auto, never or a path")
+        return v

@@ -1,0 +1,116 @@
+"""Run metrics: metrics.jsonl (DESIGN.md format), TensorBoard and W&B when asked, one console progress bar."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPUs) report no MFU.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "B200": 2250e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(n_params_no_emb: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention (PaLM appendix B)."""
+    return 6 * n_params_no_emb + 12 * num_layers * hidden * seq_len
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPUs, peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks get a logger whose calls do nothing."""
+
+    def __init__(self, out_dir: Path, enabled: bool, max_steps: int, start_step: int, tensorboard: bool,
+                 wandb: bool, wandb_project: str, config: dict, progress: bool):
+        self.enabled = enabled
+        self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                self.event(start_step, "tensorboard_unavailable", "pip install tensorboard to log there")
+        if wandb:
+            import wandb as wb
+            self.wandb = wb.init(project=wandb_project, dir=str(out_dir), config=config, resume="allow")
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def train(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        step = record["step"]
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                if self.tb:
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        if self.bar:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled and self.bar:
+            self.bar.update(n)
+
+    def eval(self, step: int, val_loss: float, val_ppl: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+        if self.tb:
+            self.tb.add_scalar("eval/val_loss", val_loss, step)
+        if self.wandb:
+            self.wandb.log({"eval/val_loss": val_loss, "eval/val_ppl": val_ppl}, step=step)
+        self.say(f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.2f}")
+
+    def event(self, step: int, event: str, detail: str) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, "event": event, "detail": detail, "time": time.time()})
+        self.say(f"[{event}] step {step}: {detail}")
+
+    def say(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+        self.file.close()

@@ -1,0 +1,71 @@
+"""`lmforge pretrain`: a Llama-architecture model trained from scratch on token shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.config import dump_config
+from lmforge.model.build import build_model
+from lmforge.model.config import n_params
+from lmforge.tokens.shards import load_shard, read_meta
+from lmforge.train.config import PretrainConfig
+from lmforge.train.data import WindowSampler, micro_batches
+from lmforge.train.distributed import init_runtime, shutdown
+from lmforge.train.loop import Job, RunSpec, train
+from lmforge.train.metrics import flops_per_token
+from lmforge.train.objectives import causal_lm
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train per `cfg`; resumes from out_dir/checkpoints/latest when it exists (resume=auto)."""
+    tc = cfg.train
+    rt = init_runtime(tc.device, tc.parallel)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    elif rt.device.type == "cpu" and rt.world_size > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // rt.world_size))
+    try:
+        meta = read_meta(cfg.data.dir, vocab_size=cfg.model.vocab_size)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = int(meta["vocab_size"])
+        elif cfg.model.vocab_size < int(meta["vocab_size"]):
+            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' "
+                             f"vocab_size {meta['vocab_size']} ({cfg.data.dir}/meta.json)")
+        seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+        if seq_len > cfg.model.max_seq_len:
+            raise ValueError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
+
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        if rt.is_main:
+            dump_config(cfg, cfg.out_dir / "config.yaml")
+        global_batch = tc.micro_batch_size * tc.grad_accum * rt.world_size
+        train_sampler = WindowSampler(load_shard(cfg.data.dir, "train", cfg.model.vocab_size), seq_len,
+                                      global_batch, cfg.seed, cfg.data.sampling)
+        val_path = Path(cfg.data.dir) / "val.bin"
+        val_tokens = load_shard(cfg.data.dir, "val", cfg.model.vocab_size) if val_path.is_file() else None
+
+        def eval_batches(micro_bs: int, rank: int, world: int):
+            # A fixed set: batch i of every eval is the same windows (the sampler keyed by seed + 1, step i).
+            sampler = WindowSampler(val_tokens, seq_len, micro_bs, cfg.seed + 1)
+            for i in range(rank, tc.eval_batches, world):
+                yield sampler.batch(i, 0, micro_bs)
+
+        built = build_model(cfg.model, cfg.seed)
+        tok_dir = Path(meta["tokenizer"]) if meta.get("tokenizer") else None
+        job = Job(
+            model=built.module, objective=causal_lm,
+            train_batches=lambda step, mbs, acc, rank, world: micro_batches(train_sampler, step, mbs, acc, rank, world),
+            eval_batches=eval_batches if val_tokens is not None and len(val_tokens) > seq_len + 1 else None,
+            export=built.export, import_weights=built.import_weights, tokens_per_step=global_batch * seq_len,
+            blocks=built.blocks, tokenizer_dir=tok_dir, eos_id=meta.get("eos_id"),
+            flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len),
+        )
+        spec = RunSpec(cfg.out_dir, cfg.seed, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"))
+        summary = train(job, spec, rt)
+        summary["n_params"] = n_params(cfg.model, include_embeddings=True)
+        summary["tokens_per_step"] = job.tokens_per_step
+        summary["rank"] = rt.rank
+        return summary
+    finally:
+        shutdown(rt)

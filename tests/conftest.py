@@ -1,0 +1,64 @@
+"""Shared fixtures: a deterministic synthetic corpus tokenized once per session, and a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small, fast settings every engine test starts from; tests add their own overrides.
+TINY = ["model.preset=tiny", "model.max_seq_len=32", "train.micro_batch_size=4", "train.lr=3e-3",
+        "train.warmup_steps=5", "train.log_every=1", "train.eval_every=0", "train.eval_batches=4",
+        "train.device=cpu", "train.threads=1", "log.progress=false", "log.tensorboard=false"]
+
+
+def synthetic_text(n_chars: int = 200_000, seed: int = 0) -> str:
+    """Words from a tiny grammar: learnable structure, no dependency on ../shared."""
+    rng = random.Random(seed)
+    subjects = ["the king", "a fool", "my lord", "the queen", "our friend", "this man"]
+    verbs = ["speaks", "goes", "laughs", "weeps", "fights", "sleeps", "sings"]
+    places = ["in the hall", "to the field", "at the gate", "by the sea", "with the crown"]
+    out, size = [], 0
+    while size < n_chars:
+        line = f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(places)}.\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
+@pytest.fixture(scope="session")
+def char_shards(tmp_path_factory) -> Path:
+    from lmforge.tokens.shards import write_shards
+
+    d = tmp_path_factory.mktemp("char")
+    (d / "input.txt").write_text(synthetic_text())
+    write_shards(d / "input.txt", "char", d / "shards")
+    return d / "shards"
+
+
+def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m lmforge ARGS` in a subprocess, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lmforge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out_dir: Path) -> dict[int, float]:
+    """Per-step train loss; a step logged twice (before a kill and after resume) keeps the last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def events(out_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(out_dir) if "event" in r]
