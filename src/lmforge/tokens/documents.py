@@ -1,6 +1,6 @@
 """Read document texts from files and directories for tokenizer training and token shards.
 
-Accepted: .txt and .md (a whole file is one document), .jsonl / .jsonl.gz (one JSON object per
+Accepted: .txt, .md, .rst and .py (a whole file is one document), .jsonl / .jsonl.gz (one JSON object per
 line), .json (a list of objects or strings), .parquet (a text column). Directories are walked
 recursively in sorted order. Bad records are skipped and counted in a `ReadReport`.
 """
@@ -14,7 +14,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".json", ".parquet")
+# Plain-text files (prose and source code) are one document each.
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".jsonl.gz", ".json", ".parquet")
 MAX_EXAMPLES = 5
 
 
@@ -81,7 +83,7 @@ def _text_of(record, text_field: str) -> tuple[str | None, str]:
 def _records(path: Path, text_field: str, report: ReadReport) -> Iterator[tuple[str, object]]:
     """Yield (location, record) for every record of one file; lines that are not JSON are counted here."""
     suffix = _suffix(path)
-    if suffix in (".txt", ".md"):
+    if suffix in TEXT_SUFFIXES:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

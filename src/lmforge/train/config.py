@@ -54,6 +54,9 @@ class TrainConfig(Strict):
     def _check(self):
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}")
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ValueError("train.precision=fp16 is not supported with train.parallel=fsdp (no sharded "
+                             "loss scaling yet); use bf16")
         return self
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,11 @@ def wrap_model(model: nn.Module, rt: Runtime, parallel: str, blocks: list[nn.Mod
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # broadcast_buffers=False: the buffers (RoPE tables, causal mask) are the same constants on every
+        # rank, and a buffer broadcast in forward would make evaluation a collective (ranks hang when they
+        # hold different numbers of validation batches).
+        return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                   broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
     for block in blocks or []:
@@ -95,6 +100,39 @@ def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: int, rt: Runtime) -> int:
+    if not rt.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def eval_shard(eval_batches: Callable[[int, int, int], Iterable], micro_batch_size: int, rt: Runtime,
+               parallel: str) -> Iterator[tuple[object, bool]]:
+    """This rank's validation batches as (batch, counted) pairs.
+
+    Under FSDP every forward is a collective (each block all-gathers its parameters), so all ranks must
+    run as many forwards as the busiest one: a rank with fewer batches (e.g. 5 batches on 2 ranks, or
+    1 batch on 2) repeats the first batch of the set and does not count it. DDP and one process need
+    no padding: their batches come through as they are, all counted.
+    """
+    mine = eval_batches(micro_batch_size, rt.rank, rt.world_size)
+    if not (rt.distributed and parallel == "fsdp"):
+        for batch in mine:
+            yield batch, True
+        return
+    mine = list(mine)
+    # Agree on the count before the first forward: a collective may not interleave with FSDP's all-gathers.
+    missing = all_reduce_max(len(mine), rt) - len(mine)
+    for batch in mine:
+        yield batch, True
+    if missing > 0:
+        pad = next(iter(eval_batches(micro_batch_size, 0, 1)))
+        for _ in range(missing):
+            yield pad, False
 
 
 def barrier(rt: Runtime) -> None:

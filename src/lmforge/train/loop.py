@@ -19,7 +19,7 @@ from torch import nn
 
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import GuardConfig, LogConfig, TrainConfig
-from lmforge.train.distributed import Runtime, all_reduce_sum, barrier, no_grad_sync, wrap_model
+from lmforge.train.distributed import Runtime, all_reduce_sum, barrier, eval_shard, no_grad_sync, wrap_model
 from lmforge.train.guards import StepGuard, TrainingStopped
 from lmforge.train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from lmforge.train.optim import build_adamw
@@ -95,7 +95,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     model = wrap_model(model, rt, tc.parallel, job.blocks, mp_dtype)
     raw_model = job.model
     opt = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and tc.parallel != "fsdp")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     fwd_model = torch.compile(model) if tc.compile else model
     guard = StepGuard(spec.guards)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -167,11 +167,12 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
             return None
         model.eval()
         total, count = 0.0, 0
-        for batch in job.eval_batches(micro_bs, rt.rank, rt.world_size):
+        for batch, counted in eval_shard(job.eval_batches, micro_bs, rt, tc.parallel):
             with autocast_for(precision, device):
                 loss, n = job.objective(fwd_model, batch)
-            total += loss.item() * n
-            count += n
+            if counted:  # FSDP pads ranks to the same number of forwards; padding is not counted
+                total += loss.item() * n
+                count += n
         model.train()
         total, count = all_reduce_sum([total, float(count)], rt)
         val_loss = total / max(count, 1)
@@ -189,7 +190,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
         result = evaluate()
         if result:
             first_val = result
-            logger.eval(0, *result)
+            logger.eval(0, *result, elapsed_before)
 
     while step < tc.max_steps:
         lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * lr_scale
@@ -275,14 +276,14 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
             result = evaluate()
             if result:
                 last_val = result
-                logger.eval(step, *result)
+                logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
         if tc.ckpt_every and step % tc.ckpt_every == 0 and step != tc.max_steps:
             save(step)
 
     result = evaluate()
     if result:
         last_val = result
-        logger.eval(step, *result)
+        logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
     final = ckpt.latest_checkpoint(ckpt_root)
     if final is None or final.name != ckpt.step_dir_name(step):
         final = save(step)

@@ -80,10 +80,10 @@ class MetricsLogger:
         if self.enabled and self.bar:
             self.bar.update(n)
 
-    def eval(self, step: int, val_loss: float, val_ppl: float) -> None:
+    def eval(self, step: int, val_loss: float, val_ppl: float, elapsed_s: float) -> None:
         if not self.enabled:
             return
-        self._write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+        self._write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl, "elapsed_s": elapsed_s})
         if self.tb:
             self.tb.add_scalar("eval/val_loss", val_loss, step)
         if self.wandb:
