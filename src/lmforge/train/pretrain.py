@@ -59,7 +59,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             eval_batches=eval_batches if val_tokens is not None and len(val_tokens) > seq_len + 1 else None,
             export=built.export, import_weights=built.import_weights, tokens_per_step=global_batch * seq_len,
             blocks=built.blocks, tokenizer_dir=tok_dir, eos_id=meta.get("eos_id"),
-            flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len),
+            flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len,
+                                            cfg.model.vocab_size),
         )
         spec = RunSpec(cfg.out_dir, cfg.seed, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"))
         summary = train(job, spec, rt)
