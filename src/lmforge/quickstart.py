@@ -50,6 +50,7 @@ def _steps_for_budget(cfg_items: dict, shards: Path, out_dir: Path, seconds: flo
     rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
     tokens_per_step = cfg.train.micro_batch_size * cfg.model.max_seq_len
     step_s = tokens_per_step / rates[-1] if rates else (time.perf_counter() - t0) / 20
+    shutil.rmtree(out_dir / "calibration", ignore_errors=True)
     return max(50, int(seconds / (step_s * 1.15)))  # 15 %: evals and checkpoints
 
 
@@ -60,7 +61,7 @@ def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, see
     from lmforge.train.pretrain import pretrain
 
     t0 = time.perf_counter()
-    for stale in ("run", "calibration"):  # the demo always starts fresh
+    for stale in ("run", "calibration"):  # the demo always starts afresh
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = [Path(data)] if data else stdlib_corpus()
@@ -81,7 +82,8 @@ def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, see
           f"(~{budget / 60:.1f} min)")
     summary = pretrain(cfg)
     print("[4/4] sampling from the trained model")
-    sample = generate(summary["final_checkpoint"], prompt="def ", max_new_tokens=80, temperature=0.8, top_k=50,
+    prompt = "" if data else "def "  # the embedded corpus is Python; own data starts a fresh document
+    sample = generate(summary["final_checkpoint"], prompt=prompt, max_new_tokens=80, temperature=0.8, top_k=50,
                       seed=seed)[0]
 
     (before, ppl0), (after, ppl1) = summary["first_val"], summary["last_val"]

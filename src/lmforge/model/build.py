@@ -14,26 +14,22 @@ from lmforge.model.config import ModelConfig
 class BuiltModel:
     module: nn.Module
     blocks: list[nn.Module]  # transformer blocks: FSDP units
-    export: Callable[[dict], tuple[dict, object]]  # module state dict -> (HF-named weights, LlamaConfig)
+    export: Callable[[dict], dict]  # module state dict -> HF-named weights
     import_weights: Callable[[dict], dict]  # HF-named weights -> module state dict
 
 
 def build_model(cfg: ModelConfig, seed: int) -> BuiltModel:
     """Initialise deterministically from `seed` (the same weights on every rank)."""
     torch.manual_seed(seed)
-    hf_config = cfg.to_hf_config()
     if cfg.impl == "lean":
         from lmforge.model.llama import LeanLlama, hf_to_lean, lean_to_hf
         m = LeanLlama(cfg)
-        return BuiltModel(m, list(m.blocks), lambda sd: (lean_to_hf(sd, cfg), hf_config),
-                          lambda sd: hf_to_lean(sd, cfg))
+        return BuiltModel(m, list(m.blocks), lambda sd: lean_to_hf(sd, cfg), lambda sd: hf_to_lean(sd, cfg))
     from transformers import LlamaForCausalLM
-    hf_config._attn_implementation = "sdpa"
-    m = LlamaForCausalLM(hf_config)
+    m = LlamaForCausalLM(cfg.to_hf_config(attn_implementation="sdpa"))
 
     def export(sd):
-        sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-        return sd, hf_config
+        return {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
 
     def import_weights(sd):
         sd = dict(sd)

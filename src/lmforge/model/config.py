@@ -71,18 +71,24 @@ class ModelConfig(Strict):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def hf_config_dict(self, eos_id: int | None = None) -> dict:
+        """The checkpoint's config.json: a transformers LlamaConfig, written without importing transformers."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "initializer_range": self.init_std,
+            "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None, "torch_dtype": "float32",
+        }
+
     def to_hf_config(self, **extra):
-        """The equivalent transformers LlamaConfig, as written to every checkpoint's config.json."""
+        """The same config as a transformers LlamaConfig object (to build LlamaForCausalLM)."""
         from transformers import LlamaConfig
 
-        return LlamaConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads, max_position_embeddings=self.max_seq_len,
-            rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta, tie_word_embeddings=self.tie_embeddings,
-            hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=self.init_std,
-            architectures=["LlamaForCausalLM"], **extra,
-        )
+        return LlamaConfig(**{k: v for k, v in self.hf_config_dict().items() if k != "model_type"}, **extra)
 
 
 def n_params(cfg: ModelConfig, include_embeddings: bool = False) -> int:

@@ -7,6 +7,7 @@ plain Python values and is read with `weights_only=True`.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,24 +30,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_model_dir(path: Path, hf_state: dict[str, torch.Tensor], hf_config, tokenizer_dir: Path | None,
+def write_model_dir(path: Path, hf_state: dict[str, torch.Tensor], hf_config: dict, tokenizer_dir: Path | None,
                     eos_id: int | None) -> None:
     """An HF model directory: config.json, model.safetensors, generation_config.json, tokenizer files."""
-    from transformers import GenerationConfig
-
     path.mkdir(parents=True, exist_ok=True)
-    hf_config.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in hf_state.items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
-    GenerationConfig(eos_token_id=eos_id, bos_token_id=None, pad_token_id=eos_id, do_sample=True,
-                     temperature=0.8, top_k=200).save_pretrained(path)
+    generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": True, "temperature": 0.8, "top_k": 200}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
                 shutil.copy2(f, path / f.name)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, hf_state: dict, hf_config, trainer_state: dict,
+def save_checkpoint(ckpt_root: Path, step: int, hf_state: dict, hf_config: dict, trainer_state: dict,
                     tokenizer_dir: Path | None, eos_id: int | None, keep_last: int) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, and prune to the newest `keep_last`."""
     ckpt_root.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ class Job:
     train_batches: Callable[[int, int, int, int, int], Iterable[Batch]]
     # (micro_batch_size, rank, world_size) -> this rank's share of the fixed validation batches
     eval_batches: Callable[[int, int, int], Iterable[Batch]] | None
-    export: Callable[[dict], tuple[dict, Any]]  # full model state dict -> (HF-named weights, HF config)
+    export: Callable[[dict], dict]  # full model state dict -> HF-named weights
+    hf_config: dict  # the checkpoint's config.json
     import_weights: Callable[[dict], dict]  # HF-named weights -> model state dict
     tokens_per_step: int  # tokens in one global batch
     blocks: list[nn.Module] = field(default_factory=list)  # FSDP wrapping units / checkpointing
@@ -145,7 +146,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
         osd = get_optimizer_state_dict(model, opt, options=opts)
         path = None
         if rt.is_main:
-            hf_state, hf_config = job.export(msd)
+            hf_state = job.export(msd)
             state = {
                 "step": at_step, "optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "guard": guard.state_dict(), "lr_scale": lr_scale, "micro_batch_size": micro_bs,
@@ -155,7 +156,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "config": spec.config_dump,
             }
-            path = ckpt.save_checkpoint(ckpt_root, at_step, hf_state, hf_config, state, job.tokenizer_dir,
+            path = ckpt.save_checkpoint(ckpt_root, at_step, hf_state, job.hf_config, state, job.tokenizer_dir,
                                         job.eos_id, tc.keep_last)
             logger.event(at_step, "checkpoint", str(path))
         barrier(rt)
