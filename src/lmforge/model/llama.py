@@ -19,17 +19,20 @@ from lmforge.model.config import ModelConfig
 
 
 def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin tables, shape (seq_len, 1, head_dim), matching HF's rotate_half RoPE.
+    """cos and signed sin tables for the q and k heads together, shape (seq_len, heads + kv_heads, head_dim).
 
     HF computes x*cos + rotate_half(x)*sin with rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * [-1.., +1..];
-    folding the sign into sin leaves one roll and one fused multiply-add per rotation.
+    folding the sign into sin leaves one roll and one fused multiply-add per rotation. The q rows also
+    carry attention's 1/sqrt(head_dim), which saves a pass over the (T x T) scores.
     """
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
     freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     sign = torch.cat((-torch.ones(hd // 2, device=device), torch.ones(hd // 2, device=device)))
-    return emb.cos()[:, None, :], (emb.sin() * sign)[:, None, :]
+    scale = torch.ones(cfg.num_heads + cfg.num_kv_heads, 1, device=device)
+    scale[: cfg.num_heads] = 1.0 / math.sqrt(hd)
+    return emb.cos() * scale, emb.sin() * sign * scale
 
 
 class Block(nn.Module):
@@ -51,12 +54,12 @@ class Block(nn.Module):
         q, k = qk.transpose(1, 2).split([self.n_heads, self.n_kv], dim=1)
         v = v.transpose(1, 2)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
         else:
             if self.n_kv != self.n_heads:
                 k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            att = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(self.hd)) + mask[:t, :t]
+            att = torch.matmul(q, k.transpose(-1, -2)) + mask[:t, :t]  # q is pre-scaled (rope_tables)
             y = torch.matmul(att.softmax(dim=-1), v)
         x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
