@@ -154,3 +154,11 @@ def test_generate_command_samples_from_a_run(char_shards, tmp_path):
     pretrain(cfg_for(char_shards, tmp_path / "run", "train.max_steps=5"))
     proc = run_cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "12")
     assert proc.stdout.startswith("The ") and len(proc.stdout.splitlines()[0]) >= 5
+
+
+def test_pretrain_help_lists_every_config_key():
+    proc = run_cli("pretrain", "--help")
+    for key in ("data.dir", "model.preset", "train.max_steps", "train.micro_batch_size", "train.grad_accum",
+                "train.log_every", "train.eval_every", "train.ckpt_every", "train.parallel", "guards.spike_factor"):
+        assert f"  {key}  " in proc.stdout, key
+    assert "none|ddp|fsdp" in proc.stdout

@@ -19,6 +19,27 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help can end with a config-key reference built only when asked for."""
+
+    def __init__(self, *args, config_help=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_help = config_help
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.config_help:
+            from lmforge.config import config_reference
+            text += "\nconfig keys (key.path  type = default  description):\n"
+            text += "\n".join(config_reference(self.config_help())) + "\n"
+        return text
+
+
+def _pretrain_config():
+    from lmforge.train.config import PretrainConfig
+    return PretrainConfig
+
+
 def _config_and_overrides(args) -> tuple[str | None, list[str]]:
     """The first positional may be a YAML file; everything of the form key=value is an override."""
     items = list(args.items)
@@ -136,9 +157,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmforge", description="Train, fine-tune, align, evaluate and serve language models.")
+    p = Parser(prog="lmforge", description="Train, fine-tune, align, evaluate and serve language models.")
     p.add_argument("--version", action="version", version=f"lmforge {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     q = sub.add_parser("quickstart", help="tokenizer + tokenize + pretrain + sample on an embedded corpus, in minutes",
                        description="Train a BPE tokenizer, tokenize, pretrain a small model on CPU for a few minutes, "
@@ -150,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=1337)
     q.set_defaults(func=cmd_quickstart)
 
-    t = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tcommand", required=True, metavar="SUB")
+    t = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tcommand", required=True, metavar="SUB",
+                                                                          parser_class=Parser)
     tt = t.add_parser("train", help="train a byte-level BPE tokenizer (HF tokenizers) on documents",
                       description="Train a byte-level BPE tokenizer on .txt/.md/.jsonl/.json/.parquet files or "
                                   "directories; saved in HF format (tokenizer.json), loadable by AutoTokenizer.")
@@ -176,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Pretrain from token shards. " + CONFIG_HELP +
                                     " Re-running the same command resumes from out_dir/checkpoints/latest. "
                                     "Multi-process: torchrun --nproc_per_node N -m lmforge pretrain ... "
-                                    "train.parallel=ddp|fsdp.")
+                                    "train.parallel=ddp|fsdp.", config_help=_pretrain_config)
     pt.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key.path=value ...]")
     pt.set_defaults(func=cmd_pretrain)
 

@@ -6,7 +6,8 @@ with one line that names the key and what would be accepted.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+import types
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -104,6 +105,31 @@ def _merge(base: dict, extra: dict) -> None:
             _merge(base[k], v)
         else:
             base[k] = v
+
+
+def _type_name(ann) -> str:
+    if get_origin(ann) is Literal:
+        return "|".join(str(a) for a in get_args(ann))
+    if get_origin(ann) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(ann))
+    return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def config_reference(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per key: `key.path  type = default  description`, for --help and the README."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += config_reference(ann, key + ".")
+            continue
+        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+        default = str(default) if isinstance(default, Path) or default == "required" else repr(default)
+        type_name = _type_name(ann)
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"  {key}  {type_name} = {default}{desc}")
+    return lines
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
