@@ -103,6 +103,7 @@ def test_repeated_bad_steps_roll_back_then_stop(char_shards, tmp_path):
     assert names.count("rollback") == 1 and names.index("rollback") < len(names) - 1
     rollback = next(e for e in events(tmp_path / "run") if e["event"] == "rollback")
     assert rollback["step"] == 10 and "x0.5" in rollback["detail"]
+    assert names[-1] == "stop"
 
 
 def test_oom_halves_micro_batch_keeping_the_global_batch(char_shards, tmp_path):

@@ -180,115 +180,120 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
         return val_loss, math.exp(min(val_loss, 50.0))
 
     # ---- the loop ------------------------------------------------------------------------
-    model.train()
-    t_start = time.perf_counter()
-    t_log, tokens_since_log = time.perf_counter(), 0
-    peak = device_peak_flops(device)
-    decay_steps = tc.decay_steps or tc.max_steps
-    first_val = last_val = step_loss = None
-    oom_hook_fired: set[int] = set()
-    if step == 0 and tc.eval_every:
-        result = evaluate()
-        if result:
-            first_val = result
-            logger.eval(0, *result, elapsed_before)
-
-    while step < tc.max_steps:
-        lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-        # Forward/backward over the micro-batches; a CUDA OOM halves the micro-batch and retries.
-        while True:
-            try:
-                loss_sum, tok_count = 0.0, 0
-                if step + 1 in spec.guards.debug_oom_steps and step + 1 not in oom_hook_fired:
-                    oom_hook_fired.add(step + 1)
-                    raise torch.OutOfMemoryError("debug_oom_steps test hook")
-                micro = list(job.train_batches(step, micro_bs, accum, rt.rank, rt.world_size))
-                for i, batch in enumerate(micro):
-                    with no_grad_sync(model, i == len(micro) - 1), autocast_for(precision, device):
-                        loss, n = job.objective(fwd_model, batch)
-                        if step + 1 in spec.guards.debug_nan_steps:
-                            loss = loss * float("nan")
-                    scaler.scale(loss / accum).backward()
-                    loss_sum += loss.detach().float().item()
-                    tok_count += n
-                break
-            except torch.OutOfMemoryError as e:
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not spec.guards.oom_retry or micro_bs == 1:
-                    raise TrainingStopped(f"out of memory at step {step + 1} with micro_batch_size {micro_bs}: {e}; "
-                                          "lower train.micro_batch_size or model size, or enable "
-                                          "train.grad_checkpointing") from None
-                micro_bs, accum = micro_bs // 2, accum * 2
-                logger.event(step + 1, "oom", f"micro_batch_size -> {micro_bs}, grad_accum -> {accum} (same global batch)")
-
-        loss_sum, tok_total = all_reduce_sum([loss_sum, float(tok_count)], rt)
-        step_loss = loss_sum / (accum * rt.world_size)
-        scaler.unscale_(opt)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-        reason = guard.check(step_loss, grad_norm)
-        if reason == "nonfinite" and scaler.is_enabled() and math.isfinite(step_loss):
-            reason = None  # fp16 overflow: GradScaler skips the step and lowers its scale itself
-        if reason is None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            logger.event(step + 1, f"skip_{reason}", f"loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: update skipped")
-            if scaler.is_enabled():
-                scaler.update()
-        opt.zero_grad(set_to_none=True)
-        action = guard.record(step_loss, skipped=reason is not None)
-        if action == "rollback":
-            last = ckpt.latest_checkpoint(ckpt_root)
-            if last is None:
-                raise TrainingStopped(f"{spec.guards.max_bad_steps} bad steps in a row at step {step + 1} and no "
-                                      "checkpoint to roll back to; lower train.lr or check the data")
-            rollbacks = guard.rollbacks
-            state = restore(last)
-            guard.rollbacks = rollbacks
-            lr_scale *= spec.guards.rollback_lr_factor
-            step = int(state["step"])
-            logger.event(step, "rollback", f"to {last.name}, learning rate x{lr_scale:g}")
-            if logger.bar:
-                logger.bar.n = step
-            continue
-        if action == "stop":
-            raise TrainingStopped(f"{spec.guards.max_bad_steps} bad steps in a row at step {step + 1} (last: {reason}); "
-                                  "lower train.lr, raise train.warmup_steps, or check the data")
-
-        step += 1
-        tokens_since_log += job.tokens_per_step
-        logger.advance()
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            now = time.perf_counter()
-            tps = tokens_since_log / max(now - t_log, 1e-9)
-            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                      "elapsed_s": elapsed_before + now - t_start, "mem_gb": memory_gb(device),
-                      "micro_batch_size": micro_bs, "grad_accum": accum}
-            if peak and job.flops_per_token:
-                record["mfu"] = tps * job.flops_per_token / (peak * rt.world_size)
-            logger.train(record)
-            t_log, tokens_since_log = now, 0
-        if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
+    try:
+        model.train()
+        t_start = time.perf_counter()
+        t_log, tokens_since_log = time.perf_counter(), 0
+        peak = device_peak_flops(device)
+        decay_steps = tc.decay_steps or tc.max_steps
+        first_val = last_val = step_loss = None
+        oom_hook_fired: set[int] = set()
+        if step == 0 and tc.eval_every:
             result = evaluate()
             if result:
-                last_val = result
-                logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step != tc.max_steps:
-            save(step)
+                first_val = result
+                logger.eval(0, *result, elapsed_before)
 
-    result = evaluate()
-    if result:
-        last_val = result
-        logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
-    final = ckpt.latest_checkpoint(ckpt_root)
-    if final is None or final.name != ckpt.step_dir_name(step):
-        final = save(step)
+        while step < tc.max_steps:
+            lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * lr_scale
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+            # Forward/backward over the micro-batches; a CUDA OOM halves the micro-batch and retries.
+            while True:
+                try:
+                    loss_sum, tok_count = 0.0, 0
+                    if step + 1 in spec.guards.debug_oom_steps and step + 1 not in oom_hook_fired:
+                        oom_hook_fired.add(step + 1)
+                        raise torch.OutOfMemoryError("debug_oom_steps test hook")
+                    micro = list(job.train_batches(step, micro_bs, accum, rt.rank, rt.world_size))
+                    for i, batch in enumerate(micro):
+                        with no_grad_sync(model, i == len(micro) - 1), autocast_for(precision, device):
+                            loss, n = job.objective(fwd_model, batch)
+                            if step + 1 in spec.guards.debug_nan_steps:
+                                loss = loss * float("nan")
+                        scaler.scale(loss / accum).backward()
+                        loss_sum += loss.detach().float().item()
+                        tok_count += n
+                    break
+                except torch.OutOfMemoryError as e:
+                    opt.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if not spec.guards.oom_retry or micro_bs == 1:
+                        raise TrainingStopped(f"out of memory at step {step + 1} with micro_batch_size {micro_bs}: {e}; "
+                                              "lower train.micro_batch_size or model size, or enable "
+                                              "train.grad_checkpointing") from None
+                    micro_bs, accum = micro_bs // 2, accum * 2
+                    logger.event(step + 1, "oom", f"micro_batch_size -> {micro_bs}, grad_accum -> {accum} (same global batch)")
+
+            loss_sum, tok_total = all_reduce_sum([loss_sum, float(tok_count)], rt)
+            step_loss = loss_sum / (accum * rt.world_size)
+            scaler.unscale_(opt)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+            reason = guard.check(step_loss, grad_norm)
+            if reason == "nonfinite" and scaler.is_enabled() and math.isfinite(step_loss):
+                reason = None  # fp16 overflow: GradScaler skips the step and lowers its scale itself
+            if reason is None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                logger.event(step + 1, f"skip_{reason}", f"loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: update skipped")
+                if scaler.is_enabled():
+                    scaler.update()
+            opt.zero_grad(set_to_none=True)
+            action = guard.record(step_loss, skipped=reason is not None)
+            if action == "rollback":
+                last = ckpt.latest_checkpoint(ckpt_root)
+                if last is None:
+                    raise TrainingStopped(f"{spec.guards.max_bad_steps} bad steps in a row at step {step + 1} and no "
+                                          "checkpoint to roll back to; lower train.lr or check the data")
+                rollbacks = guard.rollbacks
+                state = restore(last)
+                guard.rollbacks = rollbacks
+                lr_scale *= spec.guards.rollback_lr_factor
+                step = int(state["step"])
+                logger.event(step, "rollback", f"to {last.name}, learning rate x{lr_scale:g}")
+                if logger.bar:
+                    logger.bar.n = step
+                continue
+            if action == "stop":
+                raise TrainingStopped(f"{spec.guards.max_bad_steps} bad steps in a row at step {step + 1} (last: {reason}); "
+                                      "lower train.lr, raise train.warmup_steps, or check the data")
+
+            step += 1
+            tokens_since_log += job.tokens_per_step
+            logger.advance()
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                now = time.perf_counter()
+                tps = tokens_since_log / max(now - t_log, 1e-9)
+                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                          "elapsed_s": elapsed_before + now - t_start, "mem_gb": memory_gb(device),
+                          "micro_batch_size": micro_bs, "grad_accum": accum}
+                if peak and job.flops_per_token:
+                    record["mfu"] = tps * job.flops_per_token / (peak * rt.world_size)
+                logger.train(record)
+                t_log, tokens_since_log = now, 0
+            if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
+                result = evaluate()
+                if result:
+                    last_val = result
+                    logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step != tc.max_steps:
+                save(step)
+
+        result = evaluate()
+        if result:
+            last_val = result
+            logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
+        final = ckpt.latest_checkpoint(ckpt_root)
+        if final is None or final.name != ckpt.step_dir_name(step):
+            final = save(step)
+    except TrainingStopped as e:
+        logger.event(step + 1, "stop", str(e))
+        raise
+    finally:
+        logger.close()
     elapsed = time.perf_counter() - t_start
-    logger.close()
     return {"steps": step, "final_checkpoint": str(final) if final else None, "elapsed_s": elapsed,
             "first_val": first_val, "last_val": last_val, "precision": precision, "train_loss": step_loss}
