@@ -130,7 +130,7 @@ def test_bad_config_fails_fast_naming_the_key(char_shards, tmp_path, override, n
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and names in lines[0], proc.stderr
-    assert elapsed < 3.0  # interpreter start included; the validation itself is milliseconds
+    assert elapsed < 1.5  # measured 0.26 s with interpreter start; the bound leaves room for a loaded machine
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
