@@ -106,6 +106,9 @@ class LeanLlama(nn.Module):
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(idx)
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        if torch.is_autocast_enabled(x.device.type):  # rotate in the matmul dtype, as transformers does
+            dtype = torch.get_autocast_dtype(x.device.type)
+            cos, sin = cos.to(dtype), sin.to(dtype)
         # Explicit attention only where it wins: CPU under autocast (see module docstring).
         mask = self.causal_mask if (not x.is_cuda and torch.is_autocast_enabled("cpu")) else None
         for block in self.blocks:
