@@ -103,9 +103,8 @@ def cmd_tokenize(args) -> int:
     print(f"train: {n_tok['train']:,} tokens ({n_docs.get('train', '?')} docs); "
           f"val: {n_tok['val']:,} tokens ({n_docs.get('val', '?')} docs); vocab {meta['vocab_size']}; "
           f"written to {args.out}")
-    skipped = meta.get("skipped") or {}
-    if any(skipped.values()) if isinstance(skipped, dict) else skipped:
-        print(f"skipped: {json.dumps(skipped)}")
+    if meta.get("skipped"):
+        print(f"skipped: {json.dumps(meta['skipped'])}; first: {'; '.join(meta.get('skipped_examples', []))}")
     return 0
 
 
