@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.tokens.documents import ReadReport, iter_texts
+from lmforge.data.readers import ReadReport, iter_texts
 from lmforge.tokens.shards import load_shard, read_meta, token_dtype, write_shards
 from lmforge.tokens.tokenizer import EOS, build_char_tokenizer, encode_batch, load_tokenizer, train_bpe
 
@@ -154,8 +154,9 @@ def test_iter_texts_reads_parquet(tmp_path):
     report = ReadReport()
     assert list(iter_texts(tmp_path / "t.parquet", text_field="content", report=report)) == ["p0", "p2"]
     assert report.examples == [f"{tmp_path / 't.parquet'}:row 1: missing_text"]
-    with pytest.raises(ValueError, match="no column 'text'"):
-        list(iter_texts(tmp_path / "t.parquet"))
+    report = ReadReport()
+    assert list(iter_texts(tmp_path / "t.parquet", report=report)) == []  # no 'text' column: counted, not fatal
+    assert report.skipped == {"missing_text_column": 1} and "columns: content" in report.examples[0]
 
 
 def test_missing_inputs_fail_clearly(tmp_path):

@@ -35,6 +35,11 @@ class Parser(argparse.ArgumentParser):
         return text
 
 
+def _pipeline_config():
+    from lmforge.data.pipeline import PipelineConfig
+    return PipelineConfig
+
+
 def _pretrain_config():
     from lmforge.train.config import PretrainConfig
     return PretrainConfig
@@ -83,6 +88,78 @@ def _print_summary(s: dict, out_dir: Path) -> None:
     if s.get("final_checkpoint"):
         lines.append(f"checkpoint: {s['final_checkpoint']}")
     print("\n".join(lines))
+
+
+def cmd_data_run(args) -> int:
+    from lmforge.config import load_config
+    from lmforge.data.pipeline import PipelineConfig, funnel_table, run_pipeline
+
+    path, overrides = _config_and_overrides(args)
+    cfg = load_config(PipelineConfig, path, overrides)
+    report = run_pipeline(cfg)
+    _print_data_report(report, funnel_table)
+    print(f"report: {cfg.out_dir / 'report.json'}, {cfg.out_dir / 'report.png'}")
+    return 0
+
+
+def _print_data_report(report: dict, funnel_table) -> None:
+    print(funnel_table(report))
+    print(f"documents out: {report['docs_out']:,} in {len(report['outputs'])} file(s): "
+          f"{report['outputs'][0] if report['outputs'] else '-'}{' ...' if len(report['outputs']) > 1 else ''}")
+    if report["read"]["examples"]:
+        print("skipped input (first): " + "; ".join(report["read"]["examples"][:5]))
+
+
+def cmd_data_step(args) -> int:
+    """`lmforge data filter|pii|extract|dedup IN OUT`: one step, in this process."""
+    from lmforge.config import parse_override, set_dotted
+    from lmforge.data.pipeline import build_step, funnel_table, run_single
+
+    if args.command_name == "filter":
+        if not args.filter:
+            raise CliError("name at least one --filter (e.g. --filter gopher_quality)")
+        opts: dict = {}
+        for item in args.set or []:
+            keys, value = parse_override(item)
+            set_dotted(opts, keys, value)
+        unknown = set(opts) - set(args.filter)
+        if unknown:
+            raise CliError(f"--set {sorted(unknown)[0]}.…: not one of the --filter names {args.filter}")
+        specs = [{name: opts.get(name, {})} for name in args.filter]
+    elif args.command_name == "pii":
+        specs = [{"pii": {"kinds": args.kinds.split(",")} if args.kinds else {}}]
+    elif args.command_name == "extract":
+        specs = [{"extract": {"timeout_s": args.timeout}}]
+    else:
+        specs = [{"dedup": {"ngram": args.ngram, "bands": args.bands, "rows": args.rows,
+                            "exact": not args.no_exact, "near": not args.no_near}}]
+    for spec in specs:
+        (name, opts), = spec.items()
+        build_step(name, opts, check_only=True)
+    report = run_single(specs, args.input, Path(args.output), args.text_field)
+    _print_data_report(report, funnel_table)
+    return 0
+
+
+def cmd_data_crawl(args) -> int:
+    from lmforge.data.crawl import DEFAULT_USER_AGENT, crawl
+
+    allow = args.allow_net if args.allow_net else args.allow_private
+    r = crawl(args.start_url, Path(args.out), max_pages=args.max_pages, max_depth=args.max_depth,
+              delay_s=args.delay, concurrency=args.concurrency, allow_private=allow,
+              allowed_domains=args.allowed_domain, max_bytes=args.max_bytes, max_redirects=args.max_redirects,
+              timeout_s=args.timeout, user_agent=args.user_agent or DEFAULT_USER_AGENT,
+              extract_timeout_s=args.extract_timeout, progress=not args.quiet).to_dict()
+    skipped = {k: v for k, v in r["skipped"].items() if v}
+    print(f"fetched {r['fetched']} pages ({r['bytes']:,} bytes) in {r['seconds']:.1f} s; {r['documents']} documents; "
+          f"{r['frontier_left']} URLs left in the frontier")
+    if skipped:
+        print("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])))
+    if skipped.get("ssrf") and not r["fetched"]:
+        print("hint: the start URL resolves to a private or loopback address; pass --allow-private to crawl it")
+    print(f"written: {Path(args.out) / 'crawl.warc.gz'}, {Path(args.out) / 'documents.jsonl'}, "
+          f"{Path(args.out) / 'crawl_report.json'}")
+    return 0
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -211,6 +288,61 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="data pipeline: crawl, extract, filter, dedup, PII, and whole runs")
+    dsub = d.add_subparsers(dest="dcommand", required=True, metavar="SUB", parser_class=Parser)
+    dr = dsub.add_parser("run", help="readers + an ordered list of steps over sharded inputs, resumable",
+                         description="Run a data pipeline. " + CONFIG_HELP + " Prints a funnel; writes document "
+                                     "shards, report.json and report.png to out_dir. Re-running resumes.",
+                         config_help=_pipeline_config)
+    dr.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key.path=value ...]")
+    dr.set_defaults(func=cmd_data_run)
+    for name, helptext in (("filter", "quality filters (heuristic, gopher_quality, gopher_repetition, c4, fineweb, "
+                                      "language, perplexity)"),
+                           ("pii", "replace emails, phones, SSNs, credit cards and public IPs"),
+                           ("extract", "HTML documents -> main text (trafilatura)"),
+                           ("dedup", "exact and MinHash-LSH near-duplicate removal")):
+        sp = dsub.add_parser(name, help=helptext, description=f"{helptext}. IN and OUT are document JSONL(.gz) or "
+                                                               "Parquet files.")
+        sp.add_argument("input", metavar="IN")
+        sp.add_argument("output", metavar="OUT")
+        sp.add_argument("--text-field", default="text", help="JSON field holding the text (default text)")
+        sp.set_defaults(func=cmd_data_step, command_name=name)
+        if name == "filter":
+            sp.add_argument("--filter", action="append", help="filter name; repeat for several, applied in order")
+            sp.add_argument("--set", action="append", metavar="NAME.KEY=VALUE", help="a filter option")
+        elif name == "pii":
+            sp.add_argument("--kinds", help="comma-separated subset of email,phone,ssn,credit_card,ip (default all)")
+        elif name == "extract":
+            sp.add_argument("--timeout", type=float, default=10.0, help="seconds per document (default 10)")
+        else:
+            sp.add_argument("--ngram", type=int, default=5, help="word n-gram shingle size (default 5)")
+            sp.add_argument("--bands", type=int, default=14, help="LSH bands (default 14)")
+            sp.add_argument("--rows", type=int, default=8, help="rows per band (default 8)")
+            sp.add_argument("--no-exact", action="store_true", help="skip exact-duplicate removal")
+            sp.add_argument("--no-near", action="store_true", help="skip near-duplicate removal")
+    dc = dsub.add_parser("crawl", help="polite crawler: robots.txt, per-host delay, SSRF guard, WARC + JSONL",
+                         description="Crawl from START_URL within its host; writes a WARC file and documents as "
+                                     "JSONL; a stopped crawl resumes from its saved frontier.")
+    dc.add_argument("start_url")
+    dc.add_argument("--out", required=True, help="output directory")
+    dc.add_argument("--max-pages", type=int, default=100)
+    dc.add_argument("--max-depth", type=int, default=3)
+    dc.add_argument("--delay", type=float, default=1.0, help="seconds between requests to one host (default 1)")
+    dc.add_argument("--concurrency", type=int, default=4)
+    dc.add_argument("--allow-private", action="store_true",
+                    help="allow private, loopback and link-local addresses (off by default: SSRF guard)")
+    dc.add_argument("--allow-net", action="append", metavar="CIDR",
+                    help="allow only these private networks (repeatable), e.g. 127.0.0.0/8")
+    dc.add_argument("--allowed-domain", action="append", metavar="DOMAIN",
+                    help="domains to stay in (repeatable; subdomains included); default the start URL's host")
+    dc.add_argument("--max-bytes", type=int, default=5_000_000, help="largest page read (default 5 MB)")
+    dc.add_argument("--max-redirects", type=int, default=5)
+    dc.add_argument("--timeout", type=float, default=20.0, help="seconds per request (default 20)")
+    dc.add_argument("--user-agent", help="default lmforge-crawler/VERSION")
+    dc.add_argument("--extract-timeout", type=float, default=10.0, help="seconds of HTML extraction per page")
+    dc.add_argument("--quiet", action="store_true", help="no per-page progress lines")
+    dc.set_defaults(func=cmd_data_crawl)
 
     i = sub.add_parser("info", help="versions, devices and threads")
     i.set_defaults(func=cmd_info)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.tokens.documents import ReadReport, iter_texts
+from lmforge.data.readers import ReadReport, iter_texts
 from lmforge.tokens.tokenizer import build_char_tokenizer, encode_batch, eos_id, load_tokenizer
 
 SPLITS = ("train", "val")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from lmforge.tokens.documents import ReadReport, iter_texts
+from lmforge.data.readers import ReadReport, iter_texts
 
 EOS = "<|endoftext|>"
 

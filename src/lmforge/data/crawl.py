@@ -1,0 +1,766 @@
+"""A polite, resumable crawler: robots.txt, per-host delay, SSRF guard, WARC + JSONL out.
+
+`crawl(start_url, out_dir)` walks links breadth-first from `start_url` within the allowed domains
+and writes to `out_dir`:
+  crawl.warc.gz        request + response records of every page kept, redirect and robots.txt
+  documents.jsonl      one `Document` per page: main text (extract.py), meta title/language/status/fetched_at
+  crawl_state.jsonl    the append-only log a stopped crawl resumes from
+  crawl_report.json    `CrawlReport`: pages fetched, documents, skipped by reason, bytes, seconds
+
+Politeness. robots.txt is fetched once per origin (cached in the state log, so a resumed crawl does
+not ask again); 4xx means "no rules", 5xx or a network error means "fetch nothing there" for this
+run (RFC 9309). The delay between two requests to one host is max(delay_s, the robots Crawl-delay),
+counted from the end of one response to the start of the next; requests to one host never overlap;
+`concurrency` workers share the frontier, so several hosts are crawled at once. robots.txt rules
+are matched by `urllib.robotparser` (first matching rule wins, no `*`/`$` wildcards).
+
+Safety. Only http(s); only hosts equal to, or subdomains of, `allowed_domains` (default: the start
+URL's host), checked on every link and every redirect hop before anything is resolved, so offsite
+hosts are never even looked up. Before each request the host is resolved with getaddrinfo and
+every address is checked: private, loopback, link-local (and shared/non-global) addresses are
+refused unless `allow_private` (True, or a list of networks such as ["127.0.0.0/8"]);
+multicast, reserved and unspecified addresses always. The connection resolves the name again, so
+a DNS-rebinding server could still answer differently in between; use `allowed_domains` you trust.
+Bodies are streamed and abandoned past `max_bytes`; redirects are followed by hand (at most
+`max_redirects`, each hop re-checked); each request has `timeout_s` in all; only text/html and
+application/xhtml+xml bodies are read; `trust_env` is off so no proxy from the environment is used.
+
+Resume and at-most-once fetching. Every state change is a line appended (and fsynced) to
+crawl_state.jsonl; replaying it rebuilds the frontier, the seen set and the counts.
+  1. Before a request, a `claim` line for its URL is made durable. A claimed URL is never requested
+     again, whatever happens later.
+  2. After the response, the WARC records and the document are appended and fsynced, and only then
+     the `page` line recording the outcome, the links queued and the new WARC/JSONL end offsets.
+  3. On restart, WARC and JSONL are truncated to the offsets of the last `page` line (dropping
+     anything half-written), and URLs claimed without a `page` line — the process died during
+     their request — are counted as `interrupted`, not fetched again.
+So the server sees each page URL at most once, and documents.jsonl holds each page at most once; a
+page is lost only when the process dies between sending its request and recording its response.
+(robots.txt is not claimed: a run that died during that one request asks for it again.)
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+import string
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.robotparser import RobotFileParser
+
+from lmforge.data.base import Document
+from lmforge.data.warc import WarcFile, decode_html, is_html_type, url_id, warc_date
+
+DEFAULT_USER_AGENT = "lmforge-crawler/0.1 (+https://github.com/lmforge)"
+SKIP_REASONS = ("robots", "offsite", "non_html", "too_large", "error", "ssrf", "scheme", "depth", "http_status",
+                "too_many_redirects", "duplicate", "invalid_url", "extraction_empty", "extraction_timeout",
+                "extraction_error", "interrupted")
+MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309: parse at least 500 KiB
+MAX_EXAMPLES = 3
+WARC_NAME, DOCS_NAME, STATE_NAME, REPORT_NAME = "crawl.warc.gz", "documents.jsonl", "crawl_state.jsonl", \
+    "crawl_report.json"
+
+
+# ----------------------------------------------------------------------------------------------- URLs
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_SUB_DELIMS = "!$&'()*+,;="
+_PATH_SAFE = frozenset(_SUB_DELIMS + ":@/")
+_QUERY_SAFE = frozenset(_SUB_DELIMS + ":@/?")
+_HEX = frozenset(string.hexdigits)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _normalize_percent(s: str, safe: frozenset) -> str:
+    """Decode %XX of unreserved characters, upper-case the other escapes, encode what must be encoded."""
+    out, i = [], 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "%" and i + 2 < len(s) and s[i + 1] in _HEX and s[i + 2] in _HEX:
+            c = chr(int(s[i + 1:i + 3], 16))
+            out.append(c if c in _UNRESERVED else "%" + s[i + 1:i + 3].upper())
+            i += 3
+            continue
+        if ch in _UNRESERVED or ch in safe:
+            out.append(ch)
+        else:  # '%' without two hex digits, space, quotes, non-ASCII, ...: UTF-8 percent-encoded
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        i += 1
+    return "".join(out)
+
+
+def _remove_dot_segments(path: str) -> str:
+    segments = path.split("/")
+    kept: list[str] = []
+    for seg in segments:
+        if seg == "..":
+            if len(kept) > 1:
+                kept.pop()
+        elif seg != ".":
+            kept.append(seg)
+    if segments[-1] in (".", ".."):
+        kept.append("")
+    out = "/".join(kept)
+    return out if out.startswith("/") else "/" + out
+
+
+def normalize_url(url: str, base: str | None = None) -> str:
+    """The one spelling of an http(s) URL under which it is fetched, seen and stored.
+
+    Resolves `url` against `base`; lower-cases scheme and host (IDNA for non-ASCII hosts, no
+    trailing dot); drops user info, the default port, the fragment and an empty query ('?');
+    removes dot segments; percent-encoding: unreserved characters decoded, other escapes upper-
+    cased, unsafe characters encoded as UTF-8. Query parameters keep their order: reordering can
+    merge distinct resources and would make us request URLs no page links to; pages that differ
+    only in parameter order are left to the dedup step. Raises ValueError (non-http(s) scheme,
+    no host, bad port).
+    """
+    url = "".join(ch for ch in url.strip() if ch not in "\t\r\n")
+    if base is not None:
+        url = urljoin(base, url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"unsupported scheme {scheme or '(none)'!r}")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise ValueError("no host")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise ValueError(f"bad host name {host!r}") from e
+    port = parts.port  # ValueError for a port out of range or not a number
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    path = _remove_dot_segments(_normalize_percent(parts.path, _PATH_SAFE) or "/")
+    query = _normalize_percent(parts.query, _QUERY_SAFE)
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def in_domains(host: str, domains: Iterable[str]) -> bool:
+    """`host` equals one of `domains` or is a subdomain of one."""
+    return any(host == d or host.endswith("." + d) for d in domains)
+
+
+def robots_crawl_delay(robots_txt: str, user_agent: str) -> float | None:
+    """The Crawl-delay (seconds, fractions allowed: urllib.robotparser reads whole seconds only) of the
+    group that applies to `user_agent` — the first group naming it, else the `*` group — as robotparser
+    picks groups."""
+    token = user_agent.split("/")[0].lower()
+    groups: list[tuple[list[str], list[float]]] = []
+    in_rules = True
+    for raw in robots_txt.splitlines():
+        key, _, value = raw.split("#", 1)[0].partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not value:
+            continue
+        if key == "user-agent":
+            if in_rules:
+                groups.append(([], []))
+                in_rules = False
+            groups[-1][0].append(value.lower())
+        elif groups:
+            in_rules = True
+            if key == "crawl-delay":
+                try:
+                    groups[-1][1].append(float(value))
+                except ValueError:
+                    pass
+    chosen = next((g for g in groups if any(a != "*" and a in token for a in g[0])), None) \
+        or next((g for g in groups if "*" in g[0]), None)
+    return chosen[1][0] if chosen and chosen[1] else None
+
+
+# ------------------------------------------------------------------------------------------ SSRF guard
+
+def _networks(allow_private) -> list | None:
+    if allow_private is True:
+        return None
+    if not allow_private:
+        return []
+    return [ipaddress.ip_network(n, strict=False) for n in allow_private]
+
+
+def address_refusal(ip: str, allow_private: bool | Iterable[str] = False) -> str | None:
+    """Why a request to `ip` is refused ("multicast", "private", ...), or None when it may be made."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    inner = getattr(addr, "ipv4_mapped", None) or getattr(addr, "sixtofour", None)
+    if inner is not None:  # ::ffff:127.0.0.1 and 2002:7f00:1:: are 127.0.0.1
+        addr = inner
+    if addr.is_multicast:
+        return "multicast"
+    if addr.is_unspecified:
+        return "unspecified"
+    if addr.is_loopback or addr.is_link_local or addr.is_private or not addr.is_global:
+        nets = _networks(allow_private)
+        if nets is None or any(addr in n for n in nets):
+            return None
+        return "loopback" if addr.is_loopback else "link_local" if addr.is_link_local else "private"
+    if addr.is_reserved:
+        return "reserved"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+@dataclass
+class CrawlReport:
+    """What a crawl did, over all its runs (a resumed crawl keeps counting)."""
+
+    start_url: str
+    out_dir: str
+    fetched: int = 0          # page URLs requested (each at most once); max_pages bounds this
+    documents: int = 0        # documents written to documents.jsonl
+    requests: int = 0         # HTTP requests sent: pages, redirect hops and robots.txt
+    bytes: int = 0            # body bytes received
+    seconds: float = 0.0      # wall time, summed over runs
+    runs: int = 0             # 1 + times resumed
+    frontier_left: int = 0    # URLs queued but not fetched (max_pages reached): a rerun continues
+    skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    examples: dict = field(default_factory=dict)  # reason -> first few URLs
+
+    def skip(self, reason: str, url: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(url)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+class CrawlState:
+    """The crawl's durable state: `crawl_state.jsonl`, one event per line, replayed on start.
+
+    Events: start {seed}, run {}, end {elapsed}, robots {origin, status, body, ...}, claim {url, host, t},
+    page {urls, outcome, queued [[url, depth]], skips {reason: [url]}, requests, bytes, doc, warc, jsonl, elapsed}.
+    """
+
+    def __init__(self, path: Path, start_url: str, out_dir: Path):
+        self.path = path
+        self.seed: str | None = None
+        self.frontier: deque[tuple[str, int]] = deque()
+        self.seen: set[str] = set()
+        self.depth_skipped: set[str] = set()
+        self.claimed: set[str] = set()
+        self.finished: set[str] = set()
+        self.last_claim: dict[str, float] = {}  # host -> wall time of its last request (delay across restarts)
+        self.robots: dict[str, tuple[int, str]] = {}
+        self.offsets = {"warc": 0, "jsonl": 0}
+        self.elapsed = 0.0
+        self.report = CrawlReport(start_url=start_url, out_dir=str(out_dir))
+        self._fh = None
+
+    def open(self) -> None:
+        """Replay the log (dropping a half-written last line), then open it for appending, locked."""
+        queued: list[tuple[str, int]] = []
+        good = 0
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        break
+                    self._apply(ev, queued)
+                    good += len(line)
+        self.frontier = deque((u, d) for u, d in queued if u not in self.claimed and u not in self.finished)
+        self._fh = open(self.path, "ab")
+        try:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError as e:
+            self._fh.close()
+            raise RuntimeError(f"{self.path.parent}: another crawl is writing there (lock held)") from e
+        self._fh.truncate(good)
+
+    def _apply(self, ev: dict, queued: list) -> None:
+        kind, r = ev.get("ev"), self.report
+        if kind == "start":
+            self.seed = ev["seed"]
+        elif kind == "run":
+            r.runs += 1
+        elif kind == "robots":
+            self.robots[ev["origin"]] = (ev["status"], ev["body"])
+            r.requests += ev.get("requests", 1)
+            r.bytes += ev.get("bytes", 0)
+            self.offsets = {"warc": ev["warc"], "jsonl": ev["jsonl"]}
+        elif kind == "claim":
+            self.claimed.add(ev["url"])
+            self.seen.add(ev["url"])
+            self.last_claim[ev["host"]] = ev["t"]
+        elif kind == "page":
+            self.finished.update(ev["urls"])
+            self.seen.update(ev["urls"])
+            for url, depth in ev.get("queued", []):
+                queued.append((url, depth))
+                self.seen.add(url)
+            for reason, urls in ev.get("skips", {}).items():
+                for url in urls:
+                    r.skip(reason, url)
+                    (self.depth_skipped if reason == "depth" else self.seen).add(url)
+            r.fetched += ev.get("fetched", 0)
+            r.requests += ev.get("requests", 0)
+            r.bytes += ev.get("bytes", 0)
+            r.documents += int(ev.get("doc", False))
+            if "warc" in ev:
+                self.offsets = {"warc": ev["warc"], "jsonl": ev["jsonl"]}
+        if "elapsed" in ev:
+            self.elapsed = ev["elapsed"]
+
+    def append(self, ev: dict) -> None:
+        self._fh.write((json.dumps(ev, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._apply(ev, [])
+
+    def close(self) -> None:
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
+
+
+# ------------------------------------------------------------------------------------------------ crawler
+
+@dataclass
+class _Hop:
+    """One HTTP exchange, kept in memory until its page is committed."""
+
+    url: str
+    status: int
+    reason: str
+    http_version: str
+    request_headers: list
+    headers: list
+    body: bytes
+    ip: str | None
+    fetched_at: str
+    received: int = 0          # body bytes received (also when the body was abandoned)
+    skip: str | None = None    # "non_html" or "too_large": the body was not kept
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+class _Host:
+    def __init__(self, delay: float, last_end: float | None):
+        self.lock = asyncio.Lock()  # one request at a time per host
+        self.delay = delay  # max(delay_s, Crawl-delay) once robots.txt is read
+        self.last_end = last_end  # loop time the last response to this host ended
+
+
+class _Crawler:
+    def __init__(self, state: CrawlState, warc: WarcFile, docs_fh, *, max_pages, max_depth, delay_s, concurrency,
+                 allow_private, allowed_domains, max_bytes, max_redirects, timeout_s, user_agent,
+                 extract_timeout_s, progress):
+        self.state, self.warc, self.docs_fh = state, warc, docs_fh
+        self.max_pages, self.max_depth, self.delay_s = max_pages, max_depth, delay_s
+        self.concurrency, self.allow_private, self.domains = concurrency, allow_private, allowed_domains
+        self.max_bytes, self.max_redirects, self.timeout_s = max_bytes, max_redirects, timeout_s
+        self.user_agent, self.extract_timeout_s, self.progress = user_agent, extract_timeout_s, progress
+        self.hosts: dict[str, _Host] = {}
+        self.parsers: dict[str, RobotFileParser] = {}
+        self.robots_locks: dict[str, asyncio.Lock] = {}
+        self.active = 0
+        self.t0, self.elapsed0 = time.monotonic(), state.elapsed
+
+    # --- checks
+
+    def scope_reason(self, url: str) -> tuple[str | None, str]:
+        """(skip reason or None, normalised URL) for a link or redirect target."""
+        scheme = urlsplit(url.strip()).scheme.lower()
+        if scheme and scheme not in ("http", "https"):
+            return "scheme", url.strip()[:300]
+        try:
+            norm = normalize_url(url)
+        except ValueError:
+            return "invalid_url", url.strip()[:300]
+        host = urlsplit(norm).hostname or ""
+        return (None if in_domains(host, self.domains) else "offsite"), norm
+
+    async def address_reason(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme], type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError, OSError):
+            return "error"
+        if not infos or any(address_refusal(info[4][0], self.allow_private) for info in infos):
+            return "ssrf"
+        return None
+
+    async def robots_for(self, url: str) -> RobotFileParser:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin in self.parsers:
+            return self.parsers[origin]
+        async with self.robots_locks.setdefault(origin, asyncio.Lock()):
+            if origin not in self.parsers:
+                if origin not in self.state.robots:
+                    await self._fetch_robots(origin)
+                status, body = self.state.robots.get(origin, (599, ""))
+                rp = RobotFileParser()
+                if 200 <= status < 300:
+                    rp.parse(body.splitlines())
+                elif 400 <= status < 500:
+                    rp.allow_all = True  # RFC 9309: "unavailable", no rules
+                else:
+                    rp.disallow_all = True  # unreachable: assume complete disallow (not saved; retried next run)
+                crawl_delay = robots_crawl_delay(body, self.user_agent) if 200 <= status < 300 else None
+                host = self.host(parts.hostname)
+                host.delay = max(host.delay, float(crawl_delay or 0))
+                self.parsers[origin] = rp
+        return self.parsers[origin]
+
+    async def _fetch_robots(self, origin: str) -> None:
+        """GET /robots.txt (redirects followed within the allowed domains); saved in the state log unless
+        the server failed (5xx, network error: asked again next run)."""
+        url, requests, nbytes, kept = origin + "/robots.txt", 0, 0, None
+        status = 599  # unreachable
+        for _ in range(self.max_redirects + 1):
+            if await self.address_reason(url):
+                break
+            hop = await self.request(url, robots=True)
+            if isinstance(hop, str):
+                break
+            requests, nbytes, status = requests + 1, nbytes + hop.received, hop.status
+            if status in (301, 302, 303, 307, 308) and hop.header("location"):
+                reason, url = self.scope_reason(urljoin(url, hop.header("location")))
+                status = 404  # redirected away, or too many redirects: "unavailable" (RFC 9309)
+                if reason:
+                    break
+                continue
+            if status == 200:
+                kept = hop
+            break
+        if status >= 500:
+            self.state.report.requests += requests
+            self.state.report.bytes += nbytes
+            self.state.robots[origin] = (status, "")
+            return
+        if kept is not None:
+            self.write_hop(kept)
+        warc_off, jsonl_off = self.sync_outputs()
+        body = kept.body.decode("utf-8", "replace") if kept is not None else ""
+        self.state.append({"ev": "robots", "origin": origin, "status": status, "body": body,
+                           "requests": requests, "bytes": nbytes, "warc": warc_off, "jsonl": jsonl_off})
+
+    # --- HTTP
+
+    def host(self, hostname: str) -> _Host:
+        if hostname not in self.hosts:
+            last = self.state.last_claim.get(hostname)  # a previous run's last request to it (wall time)
+            now = asyncio.get_running_loop().time()
+            self.hosts[hostname] = _Host(self.delay_s, None if last is None else now - (time.time() - last))
+        return self.hosts[hostname]
+
+    async def request(self, url: str, robots: bool = False, claim: bool = False) -> _Hop | str:
+        """GET `url` in its host's turn (claiming it first when asked); a `_Hop`, or a skip reason."""
+        hostname = urlsplit(url).hostname
+        host = self.host(hostname)
+        loop = asyncio.get_running_loop()
+        async with host.lock:
+            while host.last_end is not None and host.last_end + host.delay > loop.time():
+                await asyncio.sleep(host.last_end + host.delay - loop.time())
+            if claim:
+                self.state.append({"ev": "claim", "url": url, "host": hostname, "t": time.time()})
+            try:
+                return await asyncio.wait_for(self._get(url, robots), self.timeout_s)
+            except (asyncio.TimeoutError, OSError, self.httpx.HTTPError, self.httpx.InvalidURL,
+                    self.httpx.StreamError):
+                return "error"
+            finally:
+                host.last_end = loop.time()
+
+    async def _get(self, url: str, robots: bool) -> _Hop | str:
+        limit = MAX_ROBOTS_BYTES if robots else self.max_bytes
+        headers = {"User-Agent": self.user_agent, "Accept-Encoding": "gzip, deflate",
+                   "Accept": "text/plain,*/*;q=0.5" if robots else "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"}
+        async with self.client.stream("GET", url, headers=headers) as resp:
+            stream = resp.extensions.get("network_stream")
+            addr = stream.get_extra_info("server_addr") if stream is not None else None
+            hop = _Hop(url=url, status=resp.status_code, reason=resp.reason_phrase, http_version=resp.http_version,
+                       request_headers=resp.request.headers.multi_items(), headers=resp.headers.multi_items(),
+                       body=b"", ip=addr[0] if addr else None, fetched_at=warc_date())
+            if hop.status != 200:
+                return hop  # redirects and errors: status and headers are all we use
+            if not robots and not is_html_type(resp.headers.get("content-type")):
+                hop.skip = "non_html"
+                return hop
+            declared = resp.headers.get("content-length")
+            if not robots and declared and declared.isdigit() and int(declared) > limit:
+                hop.skip = "too_large"
+                return hop
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():  # decoded: the limit holds for gzip bombs too
+                body += chunk
+                hop.received = len(body)
+                if len(body) > limit:
+                    if robots:  # RFC 9309: parse what fits
+                        del body[limit:]
+                        break
+                    hop.skip = "too_large"
+                    return hop
+            hop.body = bytes(body)
+            return hop
+
+    # --- pages
+
+    async def process(self, url: str, depth: int) -> None:
+        """Fetch one frontier URL (following redirects), then commit its outcome in one step."""
+        hops: list[_Hop] = []
+        claimed: list[str] = [url]
+        skips: dict[str, list[str]] = {}
+        queued: list[list] = []
+        outcome, doc, current, nbytes, requests = None, None, url, 0, 0
+        for n_hop in range(self.max_redirects + 1):
+            outcome_url = current  # the URL a skip is counted under
+            outcome = await self.address_reason(current)
+            if outcome is None and not (await self.robots_for(current)).can_fetch(self.user_agent, current):
+                outcome = "robots"
+            if outcome:
+                break
+            hop = await self.request(current, claim=True)
+            requests += 1
+            if isinstance(hop, str):
+                outcome = hop
+                break
+            nbytes += hop.received
+            if hop.skip:
+                outcome = hop.skip
+                break
+            hops.append(hop)
+            location = hop.header("location")
+            if hop.status in (301, 302, 303, 307, 308) and location:
+                if n_hop == self.max_redirects:
+                    outcome = "too_many_redirects"
+                    break
+                reason, target = self.scope_reason(urljoin(current, location))
+                if reason is None and target in self.state.seen:
+                    reason = "duplicate"  # the target is fetched (or was) under its own name
+                if reason:
+                    outcome, outcome_url = reason, target
+                    self.state.seen.add(target)
+                    break
+                self.state.seen.add(target)
+                claimed.append(target)
+                current = target
+                continue
+            if hop.status != 200:
+                outcome = "http_status"
+                break
+            html = decode_html(hop.body, hop.header("content-type"))
+            self.queue_links(html, current, depth, skips, queued)
+            doc, outcome = self.document(html, hop, depth)
+            break
+        if outcome and outcome != "ok":
+            skips.setdefault(outcome, []).append(outcome_url)
+        self.commit(claimed, outcome or "ok", hops, doc, queued, skips, requests, nbytes,
+                    fetched=int(requests > 0))
+
+    def document(self, html: str, hop: _Hop, depth: int) -> tuple[Document | None, str]:
+        from lmforge.data.extract import extract_html
+
+        text, meta = extract_html(html, hop.url, timeout_s=self.extract_timeout_s)
+        if text is None:
+            return None, f"extraction_{meta['extract_failure']}"
+        meta = {"format": "text", "title": meta.get("title"), "language": meta.get("language"),
+                "status": hop.status, "fetched_at": hop.fetched_at, "depth": depth}
+        return Document(id=url_id(hop.url), text=text, url=hop.url, source="crawl",
+                        meta={k: v for k, v in meta.items() if v is not None}), "ok"
+
+    def queue_links(self, html: str, page_url: str, depth: int, skips: dict, queued: list) -> None:
+        for link in extract_links(html, page_url):
+            reason, norm = self.scope_reason(link)
+            if norm in self.state.seen:
+                continue
+            if reason is None and depth + 1 > self.max_depth:
+                if norm not in self.state.depth_skipped:
+                    self.state.depth_skipped.add(norm)
+                    skips.setdefault("depth", []).append(norm)
+                continue
+            self.state.seen.add(norm)
+            if reason:
+                skips.setdefault(reason, []).append(norm)
+            else:
+                queued.append([norm, depth + 1])
+                self.state.frontier.append((norm, depth + 1))
+
+    def write_hop(self, hop: _Hop) -> None:
+        self.warc.write_exchange(hop.url, hop.request_headers, hop.status, hop.reason, hop.headers, hop.body,
+                                 ip=hop.ip, fetched_at=hop.fetched_at, http_version=hop.http_version)
+
+    def sync_outputs(self) -> tuple[int, int]:
+        self.docs_fh.flush()
+        os.fsync(self.docs_fh.fileno())
+        return self.warc.sync(), self.docs_fh.tell()
+
+    def commit(self, claimed, outcome, hops, doc, queued, skips, requests, nbytes, fetched) -> None:
+        """Records, document, then the `page` event: no await in here, so no other page interleaves."""
+        for hop in hops:
+            if hop.status == 200 or 300 <= hop.status < 400:
+                self.write_hop(hop)
+        if doc is not None:
+            self.docs_fh.write((doc.to_json() + "\n").encode("utf-8"))
+        warc_off, jsonl_off = self.sync_outputs()
+        self.state.append({"ev": "page", "urls": claimed, "outcome": outcome, "queued": queued, "skips": skips,
+                           "fetched": fetched, "requests": requests, "bytes": nbytes, "doc": doc is not None,
+                           "warc": warc_off, "jsonl": jsonl_off,
+                           "elapsed": round(self.elapsed0 + self.seconds(), 3)})
+        if self.progress:
+            r = self.state.report
+            print(f"[{r.fetched}/{self.max_pages} fetched, {r.documents} docs, {len(self.state.frontier)} queued] "
+                  f"{outcome}: {claimed[-1] if claimed else ''}", file=sys.stderr, flush=True)
+
+    def seconds(self) -> float:
+        """Seconds since this run started."""
+        return time.monotonic() - self.t0
+
+    # --- scheduling
+
+    async def run(self) -> None:
+        import httpx
+
+        self.httpx = httpx
+        self.cond = asyncio.Condition()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), follow_redirects=False,
+                                     trust_env=False, limits=httpx.Limits(max_connections=self.concurrency)) as c:
+            self.client = c
+            await asyncio.gather(*(self.worker() for _ in range(self.concurrency)))
+
+    async def worker(self) -> None:
+        def can_take():
+            return self.active == 0 or (self.state.frontier and
+                                        self.state.report.fetched + self.active < self.max_pages)
+
+        while True:
+            async with self.cond:
+                await self.cond.wait_for(can_take)
+                if not self.state.frontier or self.state.report.fetched >= self.max_pages:
+                    self.cond.notify_all()  # nothing left for anyone: let the others see it too
+                    return
+                url, depth = self.state.frontier.popleft()
+                self.active += 1
+            try:
+                await self.process(url, depth)
+            finally:
+                async with self.cond:
+                    self.active -= 1
+                    self.cond.notify_all()
+
+
+def extract_links(html: str, base_url: str) -> list[str]:
+    """Absolute targets of <a href> and <area href>, resolved against <base href> when the page has one."""
+    import lxml.html
+
+    try:
+        tree = lxml.html.document_fromstring(html.encode("utf-8", "replace"),
+                                             parser=lxml.html.HTMLParser(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - lxml.etree.ParserError on empty or garbage documents
+        return []
+    base = base_url
+    for el in tree.iter("base"):
+        if el.get("href"):
+            base = urljoin(base_url, el.get("href").strip())
+            break
+    links = []
+    for el in tree.iter("a", "area"):
+        href = el.get("href")
+        if href and href.strip() and not href.strip().startswith("#"):
+            links.append(urljoin(base, href.strip()))
+    return links
+
+
+def crawl(start_url: str, out_dir: str | Path, max_pages: int = 100, max_depth: int = 3, delay_s: float = 1.0,
+          concurrency: int = 4, allow_private: bool | Iterable[str] = False,
+          allowed_domains: Iterable[str] | None = None, max_bytes: int = 5_000_000, max_redirects: int = 5,
+          timeout_s: float = 20, user_agent: str = DEFAULT_USER_AGENT,
+          extract_timeout_s: float = 10.0, progress: bool = False) -> CrawlReport:
+    """Crawl from `start_url` into `out_dir` (see the module docstring); resumes when out_dir holds a crawl.
+
+    `max_pages` bounds the page URLs requested over all runs (rerun with a larger one to go on);
+    `max_depth` counts links from the start page (0 = the start page only); `allow_private`: True,
+    or networks (e.g. ["127.0.0.0/8"]) exempt from the SSRF guard; `progress`: one line per page on stderr.
+    Raises ValueError for a bad argument or an out_dir holding another start URL's crawl. Returns the `CrawlReport`, also written to `out_dir/crawl_report.json`.
+    """
+    out = Path(out_dir)
+    if max_pages < 0 or max_depth < 0 or concurrency < 1 or delay_s < 0 or max_bytes < 1 or max_redirects < 0:
+        raise ValueError("crawl: max_pages, max_depth, delay_s and max_redirects must be >= 0, "
+                         "concurrency and max_bytes >= 1")
+    try:
+        _networks(allow_private)  # a bad network fails here, not at the first request
+    except ValueError as e:
+        raise ValueError(f"allow_private: {e}; give True or networks such as 127.0.0.0/8") from None
+    try:
+        seed = normalize_url(start_url)
+    except ValueError as e:
+        raise ValueError(f"start URL {start_url!r}: {e}; give an http:// or https:// URL with a host") from None
+    domains = [d.strip().strip(".").lower() for d in (allowed_domains or [urlsplit(seed).hostname]) if d.strip()]
+    domains = [d.encode("idna").decode("ascii") if not d.isascii() else d for d in domains]
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = CrawlState(out / STATE_NAME, seed, out)
+    state.open()
+    if state.seed is not None and state.seed != seed:
+        state.close()
+        raise ValueError(f"{out} holds a crawl of {state.seed}, not {seed}: give another --out")
+    try:
+        for name, key in ((WARC_NAME, "warc"), (DOCS_NAME, "jsonl")):  # drop what no event covers
+            with open(out / name, "ab") as f:
+                if f.tell() > state.offsets[key]:
+                    f.truncate(state.offsets[key])
+        lost = sorted(state.claimed - state.finished)
+        warc = WarcFile(out / WARC_NAME)
+        docs_fh = open(out / DOCS_NAME, "ab")
+        try:
+            crawler = _Crawler(state, warc, docs_fh, max_pages=max_pages, max_depth=max_depth, delay_s=delay_s,
+                               concurrency=concurrency, allow_private=allow_private, allowed_domains=domains,
+                               max_bytes=max_bytes, max_redirects=max_redirects, timeout_s=timeout_s,
+                               user_agent=user_agent, extract_timeout_s=extract_timeout_s, progress=progress)
+            if state.seed is None:
+                state.append({"ev": "start", "seed": seed})
+                reason, _ = crawler.scope_reason(seed)
+                if reason:
+                    state.append({"ev": "page", "urls": [], "outcome": "ok", "skips": {reason: [seed]}})
+                else:
+                    state.append({"ev": "page", "urls": [], "outcome": "ok", "queued": [[seed, 0]]})
+                    state.frontier.append((seed, 0))
+            state.append({"ev": "run"})
+            if lost:  # died during these requests: never asked again (at most once), counted
+                state.append({"ev": "page", "urls": lost, "outcome": "interrupted", "skips": {"interrupted": lost},
+                              "fetched": len(lost), "requests": len(lost)})
+            try:
+                asyncio.run(crawler.run())
+            finally:
+                state.append({"ev": "end", "elapsed": round(crawler.elapsed0 + crawler.seconds(), 3)})
+        finally:
+            warc.close()
+            docs_fh.close()
+    finally:
+        report = state.report
+        report.seconds = round(state.elapsed, 3)
+        report.frontier_left = len(state.frontier)
+        state.close()
+        _write_json_atomic(out / REPORT_NAME, report.to_dict())
+    return report
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
