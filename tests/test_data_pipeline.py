@@ -191,3 +191,51 @@ def test_sigkilled_pipeline_restarted_gives_identical_output(tmp_path):
     assert not (out / "report.json").exists(), "the run finished before the kill; make the corpus larger"
     run_cli("data", "run", *args, f"out_dir={out}")
     assert all_docs(out) == all_docs(tmp_path / "full")
+
+
+def test_html_directory_to_tokenizer_and_shards(tmp_path):
+    """Real HTML pages (pydoc's pages for stdlib modules) -> data run -> tokenizer train -> tokenize."""
+    import importlib
+    import pydoc
+
+    pages = tmp_path / "html"
+    pages.mkdir()
+    for name in ["json", "csv", "argparse", "textwrap", "shutil", "string", "heapq", "bisect"]:
+        module = importlib.import_module(name)
+        html = pydoc.HTMLDoc()
+        (pages / f"{name}.html").write_text(html.page(f"Python: module {name}", html.docmodule(module)))
+    (pages / "broken.html.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    proc = run_cli("data", "run", f"inputs=[{pages}]", f"out_dir={tmp_path / 'clean'}", "workers=2",
+                   "steps=[extract, {gopher_repetition: {}}, {dedup: {}}, pii]")
+    assert "extract" in proc.stdout and "dedup" in proc.stdout and "truncated_or_corrupt 1" in proc.stdout
+    report = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert report["steps"][0]["name"] == "extract" and report["steps"][0]["docs_out"] >= 6
+    docs = all_docs(tmp_path / "clean")
+    assert docs and all("<html" not in d["text"] and "<td" not in d["text"] for d in docs)
+    run_cli("tokenizer", "train", str(tmp_path / "clean"), "--vocab-size", "500", "--out", str(tmp_path / "tok"))
+    out = run_cli("tokenize", str(tmp_path / "clean"), "--tokenizer", str(tmp_path / "tok"), "--out",
+                  str(tmp_path / "tokens"), "--val-fraction", "0.2")
+    assert "skipped" not in out.stdout  # the run's own report and stage files are not read as documents
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["n_docs"]["train"] + meta["n_docs"]["val"] == len(docs)
+
+
+def test_dedup_and_pii_commands_alone(tmp_path):
+    corpus = dup_corpus(tmp_path / "in", files=2)
+    merged = tmp_path / "all.jsonl"
+    merged.write_text((corpus / "part0.jsonl").read_text() + (corpus / "part1.jsonl").read_text())
+    proc = run_cli("data", "dedup", str(merged), str(tmp_path / "dedup.jsonl"))
+    assert "exact_duplicate" in proc.stdout and "near_duplicate" in proc.stdout
+    kept = [json.loads(line) for line in (tmp_path / "dedup.jsonl").read_text().splitlines()]
+    assert len({d["text"] for d in kept}) == len(kept) < 50
+    run_cli("data", "pii", str(tmp_path / "dedup.jsonl"), str(tmp_path / "pii.parquet"))
+    import pyarrow.parquet as pq
+    texts = pq.read_table(tmp_path / "pii.parquet").column("text").to_pylist()
+    assert len(texts) == len(kept) and all("[EMAIL]" in t for t in texts)
+
+
+def test_a_different_run_into_the_same_out_dir_is_refused(tmp_path):
+    corpus = make_corpus(tmp_path / "in", files=2)
+    run_pipeline(PipelineConfig(inputs=[str(corpus)], out_dir=tmp_path / "out"))
+    with pytest.raises(ValueError, match="holds a run with other inputs or steps"):
+        run_pipeline(PipelineConfig(inputs=[str(corpus)], out_dir=tmp_path / "out", steps=["pii"]))

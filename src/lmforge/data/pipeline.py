@@ -227,6 +227,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         raise ValueError(f"no readable input in {', '.join(cfg.inputs)}")
     shards = plan_shards(sources, cfg.shard_mb)
     cfg_dict = cfg.model_dump(mode="json")
+    _check_same_run(out, {"inputs": shards, "steps": cfg.steps, "output_format": cfg.output_format,
+                          "text_field": cfg.text_field})
     first = _map(cfg, run_first_half, [(cfg_dict, i, group) for i, group in enumerate(shards)])
     second: list[dict] = []
     k = next((i for i, s in enumerate(cfg.steps) if "dedup" in s), None)
@@ -244,6 +246,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_funnel(report, out / "report.png")
     return report
+
+
+def _check_same_run(out: Path, plan: dict) -> None:
+    """Markers are only valid for the same inputs and steps: refuse to resume a different run."""
+    path = out / "_markers" / "plan.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(plan)):
+            raise ValueError(f"{out} holds a run with other inputs or steps ({path}); use a new out_dir "
+                             "or delete this one")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan))
 
 
 def _aggregate(cfg: PipelineConfig, sources: list[str], listing: ReadReport, first: list[dict],

@@ -3,7 +3,8 @@
 Accepted: .txt .md .rst .py (a whole file is one document), .html .htm (raw HTML, `meta.format`
 "html", for the extract step), .jsonl / .json (records with a text field; `id`, `url`, `source`,
 `meta` kept when present), .parquet (a text column), WARC/WET (.warc, .wet), each optionally
-compressed (.gz, .zst, .bz2); directories are walked recursively in sorted order; `hf:NAME[:SPLIT]`
+compressed (.gz, .zst, .bz2); directories are walked recursively in sorted order (the output
+directory of `lmforge data run` reads as its shards); `hf:NAME[:SPLIT]`
 or a `save_to_disk` directory reads an HF dataset. Every document gets a stable id (the record's
 own, else `file:location`), its `source` file and its `url` where known.
 
@@ -87,6 +88,8 @@ def list_inputs(paths: str | Path | Iterable[str | Path], report: ReadReport) ->
             out += list_inputs(matches, report)
         elif not p.exists():
             raise FileNotFoundError(f"input not found: {p}")
+        elif p.is_dir() and (p / "_markers").is_dir():  # an `lmforge data run` output: its shards only
+            out += sorted(p.glob("shard-*"))
         elif p.is_dir():
             for f in sorted(x for x in p.rglob("*") if x.is_file()):
                 if split_suffix(f)[0]:
