@@ -239,3 +239,14 @@ def test_a_different_run_into_the_same_out_dir_is_refused(tmp_path):
     run_pipeline(PipelineConfig(inputs=[str(corpus)], out_dir=tmp_path / "out"))
     with pytest.raises(ValueError, match="holds a run with other inputs or steps"):
         run_pipeline(PipelineConfig(inputs=[str(corpus)], out_dir=tmp_path / "out", steps=["pii"]))
+
+
+def test_enormous_lines_are_skipped_without_loading_them(tmp_path, monkeypatch):
+    import lmforge.data.readers as readers
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1000)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "short"}, {"text": "x" * 5000}, {"text": "after"}])
+    (tmp_path / "big.txt").write_text("y" * 5000)
+    report = ReadReport()
+    assert [d.text for d in iter_documents(tmp_path, report=report)] == ["short", "after"]
+    assert report.skipped == {"line_too_long": 1, "file_too_large": 1}
+    assert report.examples[0] == f"{tmp_path / 'a.jsonl'}:2: line_too_long"
