@@ -250,3 +250,18 @@ def test_enormous_lines_are_skipped_without_loading_them(tmp_path, monkeypatch):
     assert [d.text for d in iter_documents(tmp_path, report=report)] == ["short", "after"]
     assert report.skipped == {"line_too_long": 1, "file_too_large": 1}
     assert report.examples[0] == f"{tmp_path / 'a.jsonl'}:2: line_too_long"
+
+
+def test_step_time_excludes_the_steps_before_it():
+    import time
+
+    from lmforge.data.base import Document, MapStep, StepStats, counted
+
+    def slow(doc, stats):
+        time.sleep(0.01)
+        return doc
+
+    docs = [Document(id=str(i), text="x") for i in range(20)]
+    a, b = StepStats("slow"), StepStats("fast")
+    out = list(counted(MapStep("fast", lambda d, s: d), counted(MapStep("slow", slow), docs, a), b))
+    assert len(out) == 20 and a.seconds >= 0.2 and b.seconds < 0.05

@@ -85,22 +85,37 @@ class Step(Protocol):
 
 
 def counted(step: Step, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
-    """Run `step` while counting docs/bytes in and out and the time spent inside the step."""
+    """Run `step` while counting docs/bytes in and out and the time spent inside this step alone.
+
+    Steps are chained generators: pulling a document through this step also runs the steps before
+    it, so the time spent waiting on upstream documents is measured and subtracted.
+    """
+    upstream = 0.0
+
     def inputs():
-        for doc in docs:
+        nonlocal upstream
+        source = iter(docs)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                doc = next(source)
+            except StopIteration:
+                upstream += time.perf_counter() - t0
+                return
+            upstream += time.perf_counter() - t0
             stats.docs_in += 1
             stats.bytes_in += len(doc.text.encode("utf-8", "replace"))
             yield doc
 
     it = iter(step(inputs(), stats))
     while True:
-        t0 = time.perf_counter()
+        t0, up0 = time.perf_counter(), upstream
         try:
             doc = next(it)
         except StopIteration:
-            stats.seconds += time.perf_counter() - t0
+            stats.seconds += time.perf_counter() - t0 - (upstream - up0)
             return
-        stats.seconds += time.perf_counter() - t0
+        stats.seconds += time.perf_counter() - t0 - (upstream - up0)
         stats.docs_out += 1
         stats.bytes_out += len(doc.text.encode("utf-8", "replace"))
         yield doc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -158,7 +159,9 @@ def run_first_half(cfg_dict: dict, shard: int, sources: list[str]) -> dict:
     if k is not None:
         from lmforge.data.dedup import DedupConfig, write_signatures
         dcfg = DedupConfig(**cfg.steps[k]["dedup"])
+        t0 = time.perf_counter()
         write_signatures(read_stage(target), out / "_stage" / f"sig-{shard:05d}", shard, dcfg)
+        payload["dedup_seconds"] = time.perf_counter() - t0
     _mark(out, "a", shard, payload)
     return payload
 
@@ -237,11 +240,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         stage = out / "_stage"
         removed = stage / "removed.json"
         if not _done(out, "dedup", 0):
+            t0 = time.perf_counter()
             removed = find_duplicates([stage / f"sig-{i:05d}" for i in range(len(shards))], stage,
                                       DedupConfig(**cfg.steps[k]["dedup"]))
-            _mark(out, "dedup", 0, {"removed": str(removed)})
+            _mark(out, "dedup", 0, {"removed": str(removed), "dedup_seconds": time.perf_counter() - t0})
         removed = Path(_done(out, "dedup", 0)["removed"])
         second = _map(cfg, run_second_half, [(cfg_dict, i, str(removed)) for i in range(len(shards))])
+        second.append({"steps": {}, "n_out": 0, "dedup_seconds": _done(out, "dedup", 0)["dedup_seconds"]})
     report = _aggregate(cfg, sources, listing, first, second)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_funnel(report, out / "report.png")
@@ -272,6 +277,8 @@ def _aggregate(cfg: PipelineConfig, sources: list[str], listing: ReadReport, fir
             read.examples += part["read"]["examples"][: max(0, 10 - len(read.examples))]
         for name, s in part["steps"].items():
             steps.setdefault(name, StepStats(name)).merge(StepStats.from_dict(s))
+        if "dedup_seconds" in part:  # signatures and clustering count as the dedup step's time
+            steps.setdefault("dedup", StepStats("dedup")).seconds += part["dedup_seconds"]
     order = [name for spec in cfg.steps for name in spec]
     ordered = sorted(steps.values(), key=lambda s: order.index(s.name.split("#")[0]))
     n_out = sum(p["n_out"] for p in (second or first))
