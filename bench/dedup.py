@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib.util
 import os
 import json
@@ -38,6 +37,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from _bench_util import stderr_to
 from lmforge.data.base import Document
 from lmforge.data.dedup import DedupConfig, dedup_documents, normalized_words
 
@@ -199,19 +199,6 @@ def run_datasketch(docs) -> tuple[set[str], float]:
     return kept, time.perf_counter() - t0
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """datatrove logs every stage to stderr through loguru; silence the file descriptor."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def run_datatrove(docs, hash_fc: str | None) -> tuple[set[str], float]:
     import tempfile
 
@@ -242,7 +229,7 @@ def run_datatrove(docs, hash_fc: str | None) -> tuple[set[str], float]:
             yield doc
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, quiet_stderr():
+    with tempfile.TemporaryDirectory() as tmp, stderr_to(Path(os.devnull)):
         stages = [[lambda data, rank=0, world_size=1: iter(dt_docs),
                    MinhashDedupSignature(f"{tmp}/sig", config=cfg, language=Whitespace())],
                   [MinhashDedupBuckets(f"{tmp}/sig", f"{tmp}/buckets", config=cfg)],

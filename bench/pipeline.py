@@ -20,7 +20,6 @@ with the results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import importlib.util
 import json
@@ -30,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+from _bench_util import stderr_to
 from _pipeline_corpus import build_pages
 from lmforge.data.filters.text import tokens
 from lmforge.data.pipeline import PipelineConfig, plan_shards, run_pipeline
@@ -85,19 +85,6 @@ def run_lmforge(html_dir: Path, out: Path, workers: int, shard_mb: float) -> tup
     report = run_pipeline(PipelineConfig(inputs=[str(html_dir)], out_dir=out, workers=workers, shard_mb=shard_mb,
                                          steps=STEPS))
     return report, time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def stderr_to(path: Path):
-    """datatrove's workers log every step through loguru to fd 2: send it to a file instead."""
-    saved = os.dup(2)
-    with open(path, "w") as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def run_datatrove(jsonl_dir: Path, out: Path, workers: int, tasks: int) -> tuple[dict, int, float]:
