@@ -265,3 +265,15 @@ def test_step_time_excludes_the_steps_before_it():
     a, b = StepStats("slow"), StepStats("fast")
     out = list(counted(MapStep("fast", lambda d, s: d), counted(MapStep("slow", slow), docs, a), b))
     assert len(out) == 20 and a.seconds >= 0.2 and b.seconds < 0.05
+
+
+def test_data_commands_do_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom lmforge.data.pipeline import build_step\n"
+            "for n in ['extract', 'pii', 'heuristic', 'gopher_quality', 'gopher_repetition', 'c4', 'fineweb']:\n"
+            "    build_step(n, {})\n"
+            "import lmforge.data.crawl, lmforge.data.dedup\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
