@@ -273,14 +273,14 @@ def main() -> None:
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     peer = len(docs) / results["datasketch recipe (128 perm, LSH 0.8)"][1]
-    print(f"\n| method | docs | removed | docs/s | precision | recall | ratio (docs/s vs datasketch) |")
+    print("\n| method | docs | removed | docs/s | precision | recall | ratio (docs/s vs datasketch) |")
     print("|---|---|---|---|---|---|---|")
     for name, (kept, secs) in results.items():
         p, r, removed = score(docs, kept, nb)
         rate = len(docs) / secs
         print(f"| {name} | {len(docs):,} | {removed:,} | {rate:,.0f} | {p:.3f} | {r:.3f} | {rate / peer:.1f}x |")
 
-    print(f"\nplanted pairs removed, by target Jaccard (true Jaccard: mean [min, max]):")
+    print("\nplanted pairs removed, by target Jaccard (true Jaccard: mean [min, max]):")
     print("| target | pairs | true J | " + " | ".join(results) + " |")
     print("|---|---|---|" + "---|" * len(results))
     for target in TARGETS:

@@ -23,7 +23,6 @@ import argparse
 import gzip
 import importlib.util
 import json
-import os
 import tempfile
 import time
 import traceback

@@ -1,7 +1,6 @@
 """The pretraining engine end to end: learning, checkpoints, exact resume, guards, config errors."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -41,21 +41,21 @@ page is lost only when the process dies between sending its request and recordin
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import socket
-import string
 import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
 from lmforge.data.base import Document
+from lmforge.data.urls import (DEFAULT_PORTS, address_refusal, allowed_networks, extract_links, in_domains,
+                               normalize_url, robots_crawl_delay)
 from lmforge.data.warc import WarcFile, decode_html, is_html_type, url_id, warc_date
 
 DEFAULT_USER_AGENT = "lmforge-crawler/0.1 (+https://github.com/lmforge)"
@@ -66,148 +66,6 @@ MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309: parse at least 500 KiB
 MAX_EXAMPLES = 3
 WARC_NAME, DOCS_NAME, STATE_NAME, REPORT_NAME = "crawl.warc.gz", "documents.jsonl", "crawl_state.jsonl", \
     "crawl_report.json"
-
-
-# ----------------------------------------------------------------------------------------------- URLs
-
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
-_SUB_DELIMS = "!$&'()*+,;="
-_PATH_SAFE = frozenset(_SUB_DELIMS + ":@/")
-_QUERY_SAFE = frozenset(_SUB_DELIMS + ":@/?")
-_HEX = frozenset(string.hexdigits)
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _normalize_percent(s: str, safe: frozenset) -> str:
-    """Decode %XX of unreserved characters, upper-case the other escapes, encode what must be encoded."""
-    out, i = [], 0
-    while i < len(s):
-        ch = s[i]
-        if ch == "%" and i + 2 < len(s) and s[i + 1] in _HEX and s[i + 2] in _HEX:
-            c = chr(int(s[i + 1:i + 3], 16))
-            out.append(c if c in _UNRESERVED else "%" + s[i + 1:i + 3].upper())
-            i += 3
-            continue
-        if ch in _UNRESERVED or ch in safe:
-            out.append(ch)
-        else:  # '%' without two hex digits, space, quotes, non-ASCII, ...: UTF-8 percent-encoded
-            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
-        i += 1
-    return "".join(out)
-
-
-def _remove_dot_segments(path: str) -> str:
-    segments = path.split("/")
-    kept: list[str] = []
-    for seg in segments:
-        if seg == "..":
-            if len(kept) > 1:
-                kept.pop()
-        elif seg != ".":
-            kept.append(seg)
-    if segments[-1] in (".", ".."):
-        kept.append("")
-    out = "/".join(kept)
-    return out if out.startswith("/") else "/" + out
-
-
-def normalize_url(url: str, base: str | None = None) -> str:
-    """The one spelling of an http(s) URL under which it is fetched, seen and stored.
-
-    Resolves `url` against `base`; lower-cases scheme and host (IDNA for non-ASCII hosts, no
-    trailing dot); drops user info, the default port, the fragment and an empty query ('?');
-    removes dot segments; percent-encoding: unreserved characters decoded, other escapes upper-
-    cased, unsafe characters encoded as UTF-8. Query parameters keep their order: reordering can
-    merge distinct resources and would make us request URLs no page links to; pages that differ
-    only in parameter order are left to the dedup step. Raises ValueError (non-http(s) scheme,
-    no host, bad port).
-    """
-    url = "".join(ch for ch in url.strip() if ch not in "\t\r\n")
-    if base is not None:
-        url = urljoin(base, url)
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"unsupported scheme {scheme or '(none)'!r}")
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        raise ValueError("no host")
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError as e:
-            raise ValueError(f"bad host name {host!r}") from e
-    port = parts.port  # ValueError for a port out of range or not a number
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None and port != DEFAULT_PORTS[scheme]:
-        netloc += f":{port}"
-    path = _remove_dot_segments(_normalize_percent(parts.path, _PATH_SAFE) or "/")
-    query = _normalize_percent(parts.query, _QUERY_SAFE)
-    return urlunsplit((scheme, netloc, path, query, ""))
-
-
-def in_domains(host: str, domains: Iterable[str]) -> bool:
-    """`host` equals one of `domains` or is a subdomain of one."""
-    return any(host == d or host.endswith("." + d) for d in domains)
-
-
-def robots_crawl_delay(robots_txt: str, user_agent: str) -> float | None:
-    """The Crawl-delay (seconds, fractions allowed: urllib.robotparser reads whole seconds only) of the
-    group that applies to `user_agent` — the first group naming it, else the `*` group — as robotparser
-    picks groups."""
-    token = user_agent.split("/")[0].lower()
-    groups: list[tuple[list[str], list[float]]] = []
-    in_rules = True
-    for raw in robots_txt.splitlines():
-        key, _, value = raw.split("#", 1)[0].partition(":")
-        key, value = key.strip().lower(), value.strip()
-        if not value:
-            continue
-        if key == "user-agent":
-            if in_rules:
-                groups.append(([], []))
-                in_rules = False
-            groups[-1][0].append(value.lower())
-        elif groups:
-            in_rules = True
-            if key == "crawl-delay":
-                try:
-                    groups[-1][1].append(float(value))
-                except ValueError:
-                    pass
-    chosen = next((g for g in groups if any(a != "*" and a in token for a in g[0])), None) \
-        or next((g for g in groups if "*" in g[0]), None)
-    return chosen[1][0] if chosen and chosen[1] else None
-
-
-# ------------------------------------------------------------------------------------------ SSRF guard
-
-def _networks(allow_private) -> list | None:
-    if allow_private is True:
-        return None
-    if not allow_private:
-        return []
-    return [ipaddress.ip_network(n, strict=False) for n in allow_private]
-
-
-def address_refusal(ip: str, allow_private: bool | Iterable[str] = False) -> str | None:
-    """Why a request to `ip` is refused ("multicast", "private", ...), or None when it may be made."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    inner = getattr(addr, "ipv4_mapped", None) or getattr(addr, "sixtofour", None)
-    if inner is not None:  # ::ffff:127.0.0.1 and 2002:7f00:1:: are 127.0.0.1
-        addr = inner
-    if addr.is_multicast:
-        return "multicast"
-    if addr.is_unspecified:
-        return "unspecified"
-    if addr.is_loopback or addr.is_link_local or addr.is_private or not addr.is_global:
-        nets = _networks(allow_private)
-        if nets is None or any(addr in n for n in nets):
-            return None
-        return "loopback" if addr.is_loopback else "link_local" if addr.is_link_local else "private"
-    if addr.is_reserved:
-        return "reserved"
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -664,28 +522,6 @@ class _Crawler:
                     self.cond.notify_all()
 
 
-def extract_links(html: str, base_url: str) -> list[str]:
-    """Absolute targets of <a href> and <area href>, resolved against <base href> when the page has one."""
-    import lxml.html
-
-    try:
-        tree = lxml.html.document_fromstring(html.encode("utf-8", "replace"),
-                                             parser=lxml.html.HTMLParser(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - lxml.etree.ParserError on empty or garbage documents
-        return []
-    base = base_url
-    for el in tree.iter("base"):
-        if el.get("href"):
-            base = urljoin(base_url, el.get("href").strip())
-            break
-    links = []
-    for el in tree.iter("a", "area"):
-        href = el.get("href")
-        if href and href.strip() and not href.strip().startswith("#"):
-            links.append(urljoin(base, href.strip()))
-    return links
-
-
 def crawl(start_url: str, out_dir: str | Path, max_pages: int = 100, max_depth: int = 3, delay_s: float = 1.0,
           concurrency: int = 4, allow_private: bool | Iterable[str] = False,
           allowed_domains: Iterable[str] | None = None, max_bytes: int = 5_000_000, max_redirects: int = 5,
@@ -703,7 +539,7 @@ def crawl(start_url: str, out_dir: str | Path, max_pages: int = 100, max_depth: 
         raise ValueError("crawl: max_pages, max_depth, delay_s and max_redirects must be >= 0, "
                          "concurrency and max_bytes >= 1")
     try:
-        _networks(allow_private)  # a bad network fails here, not at the first request
+        allowed_networks(allow_private)  # a bad network fails here, not at the first request
     except ValueError as e:
         raise ValueError(f"allow_private: {e}; give True or networks such as 127.0.0.0/8") from None
     try:

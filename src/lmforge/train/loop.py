@@ -94,7 +94,6 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
             model.gradient_checkpointing = True
     mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if tc.parallel == "fsdp" else None
     model = wrap_model(model, rt, tc.parallel, job.blocks, mp_dtype)
-    raw_model = job.model
     opt = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     fwd_model = torch.compile(model) if tc.compile else model
