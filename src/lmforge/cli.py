@@ -92,17 +92,19 @@ def _print_summary(s: dict, out_dir: Path) -> None:
 
 def cmd_data_run(args) -> int:
     from lmforge.config import load_config
-    from lmforge.data.pipeline import PipelineConfig, funnel_table, run_pipeline
+    from lmforge.data.pipeline import PipelineConfig, run_pipeline
 
     path, overrides = _config_and_overrides(args)
     cfg = load_config(PipelineConfig, path, overrides)
     report = run_pipeline(cfg)
-    _print_data_report(report, funnel_table)
+    _print_data_report(report)
     print(f"report: {cfg.out_dir / 'report.json'}, {cfg.out_dir / 'report.png'}")
     return 0
 
 
-def _print_data_report(report: dict, funnel_table) -> None:
+def _print_data_report(report: dict) -> None:
+    from lmforge.data.pipeline import funnel_table
+
     print(funnel_table(report))
     print(f"documents out: {report['docs_out']:,} in {len(report['outputs'])} file(s): "
           f"{report['outputs'][0] if report['outputs'] else '-'}{' ...' if len(report['outputs']) > 1 else ''}")
@@ -113,7 +115,7 @@ def _print_data_report(report: dict, funnel_table) -> None:
 def cmd_data_step(args) -> int:
     """`lmforge data filter|pii|extract|dedup IN OUT`: one step, in this process."""
     from lmforge.config import parse_override, set_dotted
-    from lmforge.data.pipeline import build_step, funnel_table, run_single
+    from lmforge.data.pipeline import build_step, run_single
 
     if args.command_name == "filter":
         if not args.filter:
@@ -137,7 +139,7 @@ def cmd_data_step(args) -> int:
         (name, opts), = spec.items()
         build_step(name, opts, check_only=True)
     report = run_single(specs, args.input, Path(args.output), args.text_field)
-    _print_data_report(report, funnel_table)
+    _print_data_report(report)
     return 0
 
 

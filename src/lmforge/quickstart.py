@@ -36,7 +36,7 @@ def stdlib_corpus(max_bytes: int = 6_000_000) -> list[Path]:
     return files
 
 
-def _steps_for_budget(cfg_items: dict, shards: Path, out_dir: Path, seconds: float) -> int:
+def _steps_for_budget(cfg_items: dict, out_dir: Path, seconds: float) -> int:
     """Time a 20-step calibration run, then size the real run to the budget."""
     from lmforge.train.pretrain import pretrain
 
@@ -74,7 +74,7 @@ def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, see
 
     items = {"data.dir": str(out_dir / "data"), "seed": seed, **DEMO_MODEL, **DEMO_TRAIN}
     budget = max(20.0, minutes * 60 - (time.perf_counter() - t0))
-    steps = _steps_for_budget(items, out_dir / "data", out_dir, budget)
+    steps = _steps_for_budget(items, out_dir, budget)
     items.update({"out_dir": str(out_dir / "run"), "train.max_steps": steps, "train.log_every": 25,
                   "train.eval_every": max(50, steps // 4), "train.ckpt_every": 0})
     cfg = load_config(PretrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in items.items()])

@@ -118,6 +118,11 @@ def apply_steps(docs: Iterable[Document], specs: list[dict], stats: dict[str, St
 
 # ---- shard tasks (run in worker processes) ------------------------------------------------------
 
+def dedup_index(steps: list[dict]) -> int | None:
+    """Position of the (single, global) dedup step, or None."""
+    return next((i for i, s in enumerate(steps) if "dedup" in s), None)
+
+
 def _marker(out: Path, phase: str, shard: int) -> Path:
     return out / "_markers" / f"{phase}-{shard:05d}.json"
 
@@ -146,7 +151,7 @@ def run_first_half(cfg_dict: dict, shard: int, sources: list[str]) -> dict:
     done = _done(out, "a", shard)
     if done is not None:
         return done
-    k = next((i for i, s in enumerate(cfg.steps) if "dedup" in s), None)
+    k = dedup_index(cfg.steps)
     report = ReadReport()
     stats: dict[str, StepStats] = {}
     docs = apply_steps(iter_documents(sources, cfg.text_field, report), cfg.steps[:k], stats)
@@ -174,7 +179,7 @@ def run_second_half(cfg_dict: dict, shard: int, removed_path: str) -> dict:
     if done is not None:
         return done
     from lmforge.data.dedup import dedup_filter
-    k = next(i for i, s in enumerate(cfg.steps) if "dedup" in s)
+    k = dedup_index(cfg.steps)
     stats = {"dedup": StepStats("dedup")}
     docs = counted(dedup_filter(Path(removed_path), shard), read_stage(out / "_stage" / f"shard-{shard:05d}.jsonl.gz"),
                    stats["dedup"])
@@ -234,20 +239,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                           "text_field": cfg.text_field})
     first = _map(cfg, run_first_half, [(cfg_dict, i, group) for i, group in enumerate(shards)])
     second: list[dict] = []
-    k = next((i for i, s in enumerate(cfg.steps) if "dedup" in s), None)
+    clustering: dict = {}
+    k = dedup_index(cfg.steps)
     if k is not None:
         from lmforge.data.dedup import DedupConfig, find_duplicates
         stage = out / "_stage"
-        removed = stage / "removed.json"
-        if not _done(out, "dedup", 0):
+        clustering = _done(out, "dedup", 0) or {}
+        if not clustering:
             t0 = time.perf_counter()
             removed = find_duplicates([stage / f"sig-{i:05d}" for i in range(len(shards))], stage,
                                       DedupConfig(**cfg.steps[k]["dedup"]))
-            _mark(out, "dedup", 0, {"removed": str(removed), "dedup_seconds": time.perf_counter() - t0})
-        removed = Path(_done(out, "dedup", 0)["removed"])
-        second = _map(cfg, run_second_half, [(cfg_dict, i, str(removed)) for i in range(len(shards))])
-        second.append({"steps": {}, "n_out": 0, "dedup_seconds": _done(out, "dedup", 0)["dedup_seconds"]})
-    report = _aggregate(cfg, sources, listing, first, second)
+            clustering = {"removed": str(removed), "dedup_seconds": time.perf_counter() - t0}
+            _mark(out, "dedup", 0, clustering)
+        second = _map(cfg, run_second_half, [(cfg_dict, i, clustering["removed"]) for i in range(len(shards))])
+    report = _aggregate(cfg, sources, listing, [*first, *second, clustering], n_out=sum(
+        p["n_out"] for p in (second or first)))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_funnel(report, out / "report.png")
     return report
@@ -265,23 +271,22 @@ def _check_same_run(out: Path, plan: dict) -> None:
     path.write_text(json.dumps(plan))
 
 
-def _aggregate(cfg: PipelineConfig, sources: list[str], listing: ReadReport, first: list[dict],
-               second: list[dict]) -> dict:
+def _aggregate(cfg: PipelineConfig, sources: list[str], listing: ReadReport, parts: list[dict], n_out: int) -> dict:
+    """Sum the shard tasks' reports (and the dedup clustering's time) into the run's report."""
     read = ReadReport(skipped=listing.skipped.copy(), examples=list(listing.examples))
     steps: dict[str, StepStats] = {}
-    for part in [*first, *second]:
+    for part in parts:
         if "read" in part:
             read.n_docs += part["read"]["n_docs"]
             for reason, n in part["read"]["skipped"].items():
                 read.skipped[reason] += n
             read.examples += part["read"]["examples"][: max(0, 10 - len(read.examples))]
-        for name, s in part["steps"].items():
+        for name, s in part.get("steps", {}).items():
             steps.setdefault(name, StepStats(name)).merge(StepStats.from_dict(s))
         if "dedup_seconds" in part:  # signatures and clustering count as the dedup step's time
             steps.setdefault("dedup", StepStats("dedup")).seconds += part["dedup_seconds"]
     order = [name for spec in cfg.steps for name in spec]
     ordered = sorted(steps.values(), key=lambda s: order.index(s.name.split("#")[0]))
-    n_out = sum(p["n_out"] for p in (second or first))
     return {"inputs": sources, "read": read.to_dict(), "errors": dict(read.skipped),
             "steps": [s.to_dict() for s in ordered], "docs_out": n_out,
             "outputs": sorted(str(p) for p in cfg.out_dir.glob(f"shard-*.{cfg.output_format}"))}

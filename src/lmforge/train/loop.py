@@ -53,7 +53,6 @@ class Job:
 @dataclass
 class RunSpec:
     out_dir: Path
-    seed: int
     resume: str
     train: TrainConfig
     guards: GuardConfig

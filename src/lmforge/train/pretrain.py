@@ -63,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len,
                                             cfg.model.vocab_size),
         )
-        spec = RunSpec(cfg.out_dir, cfg.seed, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"))
+        spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"))
         summary = train(job, spec, rt)
         summary["n_params"] = n_params(cfg.model, include_embeddings=True)
         summary["tokens_per_step"] = job.tokens_per_step
