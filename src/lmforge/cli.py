@@ -45,6 +45,11 @@ def _pretrain_config():
     return PretrainConfig
 
 
+def _finetune_config():
+    from lmforge.train.config import FinetuneConfig
+    return FinetuneConfig
+
+
 def _config_and_overrides(args) -> tuple[str | None, list[str]]:
     """The first positional may be a YAML file; everything of the form key=value is an override."""
     items = list(args.items)
@@ -77,13 +82,38 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from lmforge.config import load_config
+    from lmforge.train.config import FinetuneConfig
+
+    path, overrides = _config_and_overrides(args)
+    cfg = load_config(FinetuneConfig, path, overrides)
+    from lmforge.train.finetune import finetune
+    from lmforge.train.guards import TrainingStopped
+    try:
+        summary = finetune(cfg)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    if summary.get("rank", 0) == 0:
+        _print_summary(summary, cfg.out_dir)
+    return 0
+
+
 def _print_summary(s: dict, out_dir: Path) -> None:
     first, last = s.get("first_val"), s.get("last_val")
-    lines = [f"steps {s['steps']} in {s['elapsed_s']:.1f} s ({s['precision']}, {s['n_params'] / 1e6:.2f} M params)"]
+    if "n_params" in s:
+        lines = [f"steps {s['steps']} in {s['elapsed_s']:.1f} s ({s['precision']}, {s['n_params'] / 1e6:.2f} M params)"]
+    else:
+        lines = [f"steps {s['steps']} in {s['elapsed_s']:.1f} s ({s['precision']}, {s['method']}, "
+                 f"{s['trainable_params'] / 1e6:.2f} M of {s['total_params'] / 1e6:.1f} M params trained)"]
     if first:
         lines.append(f"val loss {first[0]:.4f} (ppl {first[1]:.2f}) at the start")
     if last:
         lines.append(f"val loss {last[0]:.4f} (ppl {last[1]:.2f}) at the end")
+    if s.get("peak_rss_gb"):
+        model_mem = f", model {s['model_memory_gb'] * 1024:,.1f} MB" if s.get("model_memory_gb") else ""
+        lines.append(f"memory: peak RSS {s['peak_rss_gb']:.2f} GB{model_mem}")
     lines.append(f"metrics: {out_dir / 'metrics.jsonl'}")
     if s.get("final_checkpoint"):
         lines.append(f"checkpoint: {s['final_checkpoint']}")
@@ -188,13 +218,36 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lmforge.generate import generate
+    from lmforge.generate import generate_samples
 
-    for text in generate(args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, num_samples=args.num_samples,
-                         seed=args.seed, device=args.device):
-        print(text)
-        print("---")
+    prompt = args.prompt
+    if args.template == "alpaca":
+        from lmforge.train.sft_data import alpaca_prompt
+        prompt = alpaca_prompt({"instruction": prompt, "input": args.input, "output": ""})[0]
+    samples = generate_samples(args.model, prompt=prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               num_samples=args.num_samples, seed=args.seed, device=args.device,
+                               chat_template=args.template == "chat")
+    for s in samples:
+        print(s.text)
+        print(f"--- {s.n_tokens} tokens, " + ("ended with EOS" if s.finished else "cut off at --max-new-tokens"))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lmforge.generate import chat
+
+    chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+         top_p=args.top_p, seed=args.seed, device=args.device)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lmforge.model.export import export_model
+
+    info = export_model(args.model, args.out, merge_lora=args.merge_lora, dtype=args.dtype, overwrite=args.overwrite)
+    merged = " (LoRA merged into the base)" if info["merged_lora"] else ""
+    print(f"exported {info['source']}{merged}: {info['params'] / 1e6:.1f} M params, {info['dtype']} -> {info['out_dir']}")
     return 0
 
 
@@ -280,16 +333,58 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key.path=value ...]")
     pt.set_defaults(func=cmd_pretrain)
 
-    g = sub.add_parser("generate", help="sample text from a model directory, checkpoint or run directory")
-    g.add_argument("model", help="HF model dir, a checkpoint dir, or a run's out_dir (uses its latest checkpoint)")
-    g.add_argument("--prompt", default="", help="text to continue (default: start of document)")
+    ft = sub.add_parser("finetune", help="full, LoRA or QLoRA supervised fine-tuning of any causal LM",
+                        description="Fine-tune a base model (HF dir, hub id, .gguf, lmforge run, or "
+                                    "smollm2-135m-instruct) on instruction, chat or text data. " + CONFIG_HELP +
+                                    " Prints the data report, trainable parameters and a summary; writes "
+                                    "metrics.jsonl, data_report.json and checkpoints (PEFT adapters for "
+                                    "lora/qlora) to out_dir. Re-running the same command resumes.",
+                        config_help=_finetune_config)
+    ft.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key.path=value ...]")
+    ft.set_defaults(func=cmd_finetune)
+
+    model_help = ("HF model dir, .gguf file, smollm2-135m-instruct, a PEFT adapter dir, a hub id, or a run's "
+                  "out_dir (its latest checkpoint)")
+    g = sub.add_parser("generate", help="sample text from any model, checkpoint, adapter or run",
+                       description="Sample continuations; each is followed by its token count and whether it "
+                                   "ended with EOS or hit --max-new-tokens.")
+    g.add_argument("model", help=model_help)
+    g.add_argument("prompt", nargs="?", default="", help="text to continue (default: start of a document)")
+    g.add_argument("--template", choices=["none", "chat", "alpaca"], default="none",
+                   help="wrap the prompt: chat = one user turn in the model's chat template; alpaca = the "
+                        "### Instruction / ### Response template that finetune's alpaca format trains on")
+    g.add_argument("--input", default="", help="with --template alpaca: the ### Input section")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     g.add_argument("--top-k", type=int, default=200)
+    g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive terminal chat with any model (applies its chat template)",
+                       description="Chat in the terminal: /reset clears the history, /exit or Ctrl-D quits.")
+    c.add_argument("model", help=model_help)
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=1337)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("export", help="write a clean HF model directory from any model source or run",
+                       description="Export MODEL as a standalone HF directory (model.safetensors, config.json, "
+                                   "tokenizer with chat template, generation_config.json). A LoRA run or adapter "
+                                   "needs --merge-lora, which merges the adapter into its base.")
+    e.add_argument("model", help=model_help)
+    e.add_argument("--out", required=True, help="output directory (must be empty or new)")
+    e.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base model")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep the source's dtype)")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="data pipeline: crawl, extract, filter, dedup, PII, and whole runs")
     dsub = d.add_subparsers(dest="dcommand", required=True, metavar="SUB", parser_class=Parser)

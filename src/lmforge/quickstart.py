@@ -98,5 +98,5 @@ def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, see
     print(f"model:      {summary['final_checkpoint']}  (loads with AutoModelForCausalLM)")
     print(f"time:       {elapsed:.0f} s total, {summary['elapsed_s']:.0f} s training, "
           f"{tokens / summary['elapsed_s']:,.0f} tokens/s")
-    print(f"next:       lmforge generate {out_dir / 'run'} --prompt 'import '")
+    print(f"next:       lmforge generate {out_dir / 'run'} 'import '")
     return {"summary": summary, "sample": sample, "elapsed_s": elapsed, "ppl_before": ppl0, "ppl_after": ppl1}

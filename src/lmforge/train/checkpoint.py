@@ -1,4 +1,4 @@
-"""Atomic checkpoints: an HF model directory plus trainer_state.pt, named by a `latest` pointer.
+"""Atomic checkpoints: model files (an HF model directory or a PEFT adapter) plus trainer_state.pt.
 
 A checkpoint is written into a temporary directory, fsynced, renamed to `step-NNNNNNN`, and only
 then is `latest` replaced (itself via a temp file and os.replace), so a process killed at any
@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 LATEST = "latest"
 
@@ -45,16 +46,22 @@ def write_model_dir(path: Path, hf_state: dict[str, torch.Tensor], hf_config: di
                 shutil.copy2(f, path / f.name)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, hf_state: dict, hf_config: dict, trainer_state: dict,
-                    tokenizer_dir: Path | None, eos_id: int | None, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, and prune to the newest `keep_last`."""
+def save_checkpoint(ckpt_root: Path, step: int, write_model: Callable[[Path], None], trainer_state: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, and prune to the newest `keep_last`.
+
+    `write_model(dir)` writes the model files (the stage decides: full weights or an adapter).
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_dir(tmp, hf_state, hf_config, tokenizer_dir, eos_id)
+    tmp.mkdir()
+    write_model(tmp)
     torch.save(trainer_state, tmp / "trainer_state.pt")
-    for f in tmp.iterdir():
+    for f in tmp.rglob("*"):
+        if not f.is_file():
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
@@ -88,13 +95,12 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = ckpt_root / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file() or not (path / "model.safetensors").is_file():
+    if not (path / "trainer_state.pt").is_file():  # written last, inside a directory renamed into place
         raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(HF-named model weights, trainer state) of a checkpoint directory; no pickled code is run."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    return load_file(str(path / "model.safetensors")), state
+def load_trainer_state(path: Path) -> dict:
+    """The trainer state of a checkpoint directory; no pickled code is run."""
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
 

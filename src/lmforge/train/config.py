@@ -1,4 +1,4 @@
-"""The pretraining config: one pydantic model per section, validated before any work starts."""
+"""Training configs (pretrain, finetune): one pydantic model per section, validated before any work starts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,14 @@ from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Strict
 from lmforge.model.config import ModelConfig
+from lmforge.train.sft_data import SFTDataConfig
+
+
+def check_resume(v: str) -> str:
+    """`resume` is auto, never, or a checkpoint directory."""
+    if v not in ("auto", "never") and not Path(v, "trainer_state.pt").is_file():
+        raise ValueError(f"{v} is not a checkpoint directory (no trainer_state.pt); use auto, never or a path")
+    return v
 
 
 class DataConfig(Strict):
@@ -94,9 +102,59 @@ class PretrainConfig(Strict):
     guards: GuardConfig = GuardConfig()
     log: LogConfig = LogConfig()
 
-    @field_validator("resume")
-    @classmethod
-    def _resume(cls, v: str) -> str:
-        if v not in ("auto", "never") and not Path(v, "trainer_state.pt").is_file():
-            raise ValueError(f"{v} is not a checkpoint directory (no trainer_state.pt); use auto, never or a path")
-        return v
+    _resume = field_validator("resume")(check_resume)
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """The engine's keys with fine-tuning defaults (LoRA's usual lr, no decay, frequent evals)."""
+
+    max_steps: int = Field(300, gt=0)
+    micro_batch_size: int = Field(4, gt=0, description="examples per forward pass (packing: rows of data.max_length)")
+    lr: float = Field(2e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(50, ge=0, description="0 disables periodic eval (one still runs at the end)")
+    eval_batches: int = Field(25, gt=0)
+    ckpt_every: int = Field(100, ge=0, description="0: only the final checkpoint")
+    keep_last: int = Field(2, gt=0, description="checkpoints kept; older ones are deleted")
+    liger: bool = Field(False, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); CUDA + pip install liger-kernel")
+
+
+class LoraConfigSection(Strict):
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="scaling is alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="module names, or all-linear (every linear layer but the head)")
+    rslora: bool = False
+
+
+class QLoraConfigSection(Strict):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bits/param saved)")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: follows train.precision")
+
+
+class FinetuneConfig(Strict):
+    out_dir: Path = Path("runs/finetune")
+    seed: int = 1337
+    resume: str = Field("auto", description="auto (from out_dir/checkpoints/latest if any) | never | PATH to a checkpoint")
+    base_model: str = Field(description="HF directory, hub id, .gguf file, lmforge run, or smollm2-135m-instruct")
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfigSection = LoraConfigSection()
+    qlora: QLoraConfigSection = QLoraConfigSection()
+    data: SFTDataConfig
+    train: FinetuneTrainConfig = FinetuneTrainConfig()
+    guards: GuardConfig = GuardConfig()
+    log: LogConfig = LogConfig()
+
+    _resume = field_validator("resume")(check_resume)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method == "qlora" and self.train.parallel == "fsdp":
+            raise ValueError("method=qlora does not support train.parallel=fsdp (4-bit weights cannot be sharded); use ddp")
+        if self.method == "qlora" and self.train.compile:
+            raise ValueError("method=qlora does not support train.compile")
+        return self

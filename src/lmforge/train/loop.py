@@ -40,14 +40,15 @@ class Job:
     train_batches: Callable[[int, int, int, int, int], Iterable[Batch]]
     # (micro_batch_size, rank, world_size) -> this rank's share of the fixed validation batches
     eval_batches: Callable[[int, int, int], Iterable[Batch]] | None
-    export: Callable[[dict], dict]  # full model state dict -> HF-named weights
-    hf_config: dict  # the checkpoint's config.json
-    import_weights: Callable[[dict], dict]  # HF-named weights -> model state dict
-    tokens_per_step: int  # tokens in one global batch
-    blocks: list[nn.Module] = field(default_factory=list)  # FSDP wrapping units / checkpointing
+    # (checkpoint dir, model state dict) -> write the model files (full weights in HF format, or an adapter)
+    save_model: Callable[[Path, dict], None]
+    load_model: Callable[[Path], dict]  # checkpoint dir -> model state dict (what save_model was given)
+    # Tokens per global step when fixed (pretraining windows); otherwise batch_tokens counts each micro-batch.
+    tokens_per_step: int | None = None
+    batch_tokens: Callable[[Batch], int] | None = None
+    trainable_only: bool = False  # checkpoints hold only trainable parameters (LoRA: the base is frozen)
+    blocks: list[nn.Module] = field(default_factory=list)  # FSDP wrapping units
     flops_per_token: float | None = None
-    tokenizer_dir: Path | None = None
-    eos_id: int | None = None
 
 
 @dataclass
@@ -87,8 +88,8 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
 
     model = job.model.to(device)
     if tc.grad_checkpointing:
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        if hasattr(model, "gradient_checkpointing_enable"):  # transformers (and PEFT-wrapped) models
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing = True
     mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if tc.parallel == "fsdp" else None
@@ -101,6 +102,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
 
     # ---- resume --------------------------------------------------------------------------
     step, lr_scale, micro_bs, accum, elapsed_before = 0, 1.0, tc.micro_batch_size, tc.grad_accum, 0.0
+    tokens_total = 0.0
     resume_from = None
     if spec.resume == "auto":
         resume_from = ckpt.latest_checkpoint(ckpt_root)
@@ -110,9 +112,9 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     def restore(path: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        weights, state = ckpt.load_checkpoint(path)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, job.import_weights(weights), options=opts)
+        state = ckpt.load_trainer_state(path)
+        opts = StateDictOptions(full_state_dict=True, strict=not job.trainable_only)
+        set_model_state_dict(model, job.load_model(path), options=opts)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -129,6 +131,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
         step, lr_scale = int(state["step"]), float(state["lr_scale"])
         micro_bs, accum = int(state["micro_batch_size"]), int(state["grad_accum"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        tokens_total = float(state.get("tokens", 0.0))
         if state.get("world_size", rt.world_size) != rt.world_size:
             logger.event(step, "world_size_changed",
                          f"checkpoint written by {state['world_size']} processes, resumed on {rt.world_size}")
@@ -139,23 +142,21 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     def save(at_step: int) -> Path | None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=job.trainable_only)
         msd = get_model_state_dict(model, options=opts)
         osd = get_optimizer_state_dict(model, opt, options=opts)
         path = None
         if rt.is_main:
-            hf_state = job.export(msd)
             state = {
                 "step": at_step, "optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "guard": guard.state_dict(), "lr_scale": lr_scale, "micro_batch_size": micro_bs,
                 "grad_accum": accum, "data_position": at_step, "world_size": rt.world_size,
-                "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
+                "elapsed_s": elapsed_before + (time.perf_counter() - t_start), "tokens": tokens_total,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "config": spec.config_dump,
             }
-            path = ckpt.save_checkpoint(ckpt_root, at_step, hf_state, job.hf_config, state, job.tokenizer_dir,
-                                        job.eos_id, tc.keep_last)
+            path = ckpt.save_checkpoint(ckpt_root, at_step, lambda d: job.save_model(d, msd), state, tc.keep_last)
             logger.event(at_step, "checkpoint", str(path))
         barrier(rt)
         return path
@@ -200,19 +201,20 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
             # Forward/backward over the micro-batches; a CUDA OOM halves the micro-batch and retries.
             while True:
                 try:
-                    loss_sum, tok_count = 0.0, 0
+                    loss_sum, in_tokens = 0.0, 0
                     if step + 1 in spec.guards.debug_oom_steps and step + 1 not in oom_hook_fired:
                         oom_hook_fired.add(step + 1)
                         raise torch.OutOfMemoryError("debug_oom_steps test hook")
                     micro = list(job.train_batches(step, micro_bs, accum, rt.rank, rt.world_size))
                     for i, batch in enumerate(micro):
                         with no_grad_sync(model, i == len(micro) - 1), autocast_for(precision, device):
-                            loss, n = job.objective(fwd_model, batch)
+                            loss, _ = job.objective(fwd_model, batch)
                             if step + 1 in spec.guards.debug_nan_steps:
                                 loss = loss * float("nan")
                         scaler.scale(loss / accum).backward()
                         loss_sum += loss.detach().float().item()
-                        tok_count += n
+                        if job.batch_tokens is not None:
+                            in_tokens += job.batch_tokens(batch)
                     break
                 except torch.OutOfMemoryError as e:
                     opt.zero_grad(set_to_none=True)
@@ -225,7 +227,9 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
                     micro_bs, accum = micro_bs // 2, accum * 2
                     logger.event(step + 1, "oom", f"micro_batch_size -> {micro_bs}, grad_accum -> {accum} (same global batch)")
 
-            loss_sum, tok_total = all_reduce_sum([loss_sum, float(tok_count)], rt)
+            loss_sum, step_tokens = all_reduce_sum([loss_sum, float(in_tokens)], rt)
+            if job.tokens_per_step is not None:
+                step_tokens = job.tokens_per_step
             step_loss = loss_sum / (accum * rt.world_size)
             scaler.unscale_(opt)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
@@ -260,12 +264,14 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
                                       "lower train.lr, raise train.warmup_steps, or check the data")
 
             step += 1
-            tokens_since_log += job.tokens_per_step
+            tokens_since_log += step_tokens
+            tokens_total += step_tokens
             logger.advance()
             if step % tc.log_every == 0 or step == tc.max_steps:
                 now = time.perf_counter()
                 tps = tokens_since_log / max(now - t_log, 1e-9)
                 record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
+                          "tokens": int(tokens_total),
                           "elapsed_s": elapsed_before + now - t_start, "mem_gb": memory_gb(device),
                           "micro_batch_size": micro_bs, "grad_accum": accum}
                 if peak and job.flops_per_token:

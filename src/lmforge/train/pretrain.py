@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from lmforge.config import dump_config
 from lmforge.model.build import build_model
 from lmforge.model.config import n_params
 from lmforge.tokens.shards import load_shard, read_meta
+from lmforge.train.checkpoint import write_model_dir
 from lmforge.train.config import PretrainConfig
 from lmforge.train.data import WindowSampler, micro_batches
 from lmforge.train.distributed import init_runtime, shutdown
@@ -53,13 +55,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
         built = build_model(cfg.model, cfg.seed)
         tok_dir = Path(meta["tokenizer"]) if meta.get("tokenizer") else None
+        hf_config = cfg.model.hf_config_dict(meta.get("eos_id"))
         job = Job(
             model=built.module, objective=causal_lm,
             train_batches=lambda step, mbs, acc, rank, world: micro_batches(train_sampler, step, mbs, acc, rank, world),
             eval_batches=eval_batches if val_tokens is not None and len(val_tokens) > seq_len + 1 else None,
-            export=built.export, import_weights=built.import_weights, hf_config=cfg.model.hf_config_dict(meta.get("eos_id")),
-            tokens_per_step=global_batch * seq_len,
-            blocks=built.blocks, tokenizer_dir=tok_dir, eos_id=meta.get("eos_id"),
+            save_model=lambda d, sd: write_model_dir(d, built.export(sd), hf_config, tok_dir, meta.get("eos_id")),
+            load_model=lambda d: built.import_weights(load_file(str(d / "model.safetensors"))),
+            tokens_per_step=global_batch * seq_len, blocks=built.blocks,
             flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len,
                                             cfg.model.vocab_size),
         )
