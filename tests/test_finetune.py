@@ -229,3 +229,25 @@ def test_smollm2_lora_on_alpaca_lowers_heldout_loss_and_stops_with_eos(smollm2_c
         proc = run_cli("generate", str(out), rec["instruction"], "--input", rec["input"], "--template", "alpaca",
                        "--temperature", "0", "--max-new-tokens", "160", env=env, timeout=300)
         assert "ended with EOS" in proc.stdout, proc.stdout
+
+
+def test_lora_ddp_two_processes_match_one(tiny, tmp_path):
+    """torchrun with 2 processes (gloo, DDP) trains the same adapter as 1 process with grad_accum=2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1")
+    common = [a for a in ft_args(tiny, tmp_path, "train.max_steps=6", "train.precision=fp32", "lora.dropout=0",
+                                 "train.micro_batch_size=2") if not a.startswith(("out_dir=", "train.threads="))]
+
+    def run(out, *launcher_and_extra, extra=()):
+        cmd = [sys.executable, *launcher_and_extra, "-m", "lmforge", *common, f"out_dir={out}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "one", extra=("train.grad_accum=2",))
+    run(tmp_path / "two", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        extra=("train.parallel=ddp",))
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-5), (s, one[s], two[s])
