@@ -222,8 +222,8 @@ def cmd_generate(args) -> int:
 
     prompt = args.prompt
     if args.template == "alpaca":
-        from lmforge.train.sft_data import alpaca_prompt
-        prompt = alpaca_prompt({"instruction": prompt, "input": args.input, "output": ""})[0]
+        from lmforge.train.sft_data import alpaca_template
+        prompt = alpaca_template(prompt, args.input)
     samples = generate_samples(args.model, prompt=prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                num_samples=args.num_samples, seed=args.seed, device=args.device,

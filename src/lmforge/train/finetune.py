@@ -139,7 +139,8 @@ def model_writers(cfg: FinetuneConfig, model: nn.Module, tokenizer):
     to_model = {n.replace(".default.", "."): n for n, p in model.named_parameters() if p.requires_grad}
 
     def save_adapter(d: Path, sd: dict) -> None:
-        model.save_pretrained(d, state_dict=sd)
+        # Embeddings never train here; "auto" would look the base up on the hub to check for a resize.
+        model.save_pretrained(d, state_dict=sd, save_embedding_layers=False)
         tokenizer.save_pretrained(d)
 
     def load_adapter(d: Path) -> dict:

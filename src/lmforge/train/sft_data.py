@@ -214,9 +214,14 @@ def alpaca_prompt(record: dict) -> tuple[str, str]:
     instruction, output, inp = _string(record, "instruction"), _string(record, "output"), record.get("input") or ""
     if not isinstance(inp, str):
         raise _Skip("non_string_input")
+    return alpaca_template(instruction, inp), output
+
+
+def alpaca_template(instruction: str, inp: str = "") -> str:
+    """The Alpaca prompt, up to and including `### Response:\n` (the variant with ### Input when `inp` is set)."""
     if inp.strip():
-        return ALPACA_INPUT.format(instruction=instruction, input=inp), output
-    return ALPACA.format(instruction=instruction), output
+        return ALPACA_INPUT.format(instruction=instruction, input=inp)
+    return ALPACA.format(instruction=instruction)
 
 
 def chat_messages(record: dict, system_prompt: str | None) -> list[dict]:
