@@ -25,7 +25,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# The peers the benchmarks compare against (TRL, datasketch, datatrove) come with the bench extra.
 bench: venv
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/pretrain_cpu.py
 
 clean:
