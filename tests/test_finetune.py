@@ -220,14 +220,15 @@ def test_smollm2_lora_on_alpaca_lowers_heldout_loss_and_stops_with_eos(smollm2_c
     (tmp_path / "train.json").write_text(json.dumps(records[:400]))
     env = {"LMFORGE_CACHE": str(smollm2_cache)}
     out = tmp_path / "run"
-    run_cli("finetune", CONFIG, f"data.path={tmp_path / 'train.json'}", f"out_dir={out}", "data.val_size=24",
-            "train.max_steps=24", "train.eval_every=0", "train.eval_batches=6", "train.warmup_steps=4",
+    run_cli("finetune", CONFIG, f"data.path={tmp_path / 'train.json'}", f"out_dir={out}", "data.val_size=16",
+            "train.max_steps=16", "train.eval_every=16", "train.eval_batches=4", "train.warmup_steps=4",
             "train.lr=5e-4", "log.progress=false", "log.tensorboard=false", env=env, timeout=900)
     evals = [r for r in read_metrics(out) if "val_loss" in r]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    for rec in records[-3:]:
+    assert [e["step"] for e in evals] == [0, 16] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    short = [r for r in records[-200:] if len(r["output"]) < 120][:3]  # held out, with short reference answers
+    for rec in short:
         proc = run_cli("generate", str(out), rec["instruction"], "--input", rec["input"], "--template", "alpaca",
-                       "--temperature", "0", "--max-new-tokens", "160", env=env, timeout=300)
+                       "--temperature", "0", "--max-new-tokens", "200", env=env, timeout=300)
         assert "ended with EOS" in proc.stdout, proc.stdout
 
 

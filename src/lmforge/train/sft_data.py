@@ -19,14 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from lmforge.config import Strict
 from lmforge.data.readers import ReadReport, is_hf_dataset, list_inputs, open_binary, split_suffix
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # target of a position without loss (the cross-entropy ignore_index)
 RECORD_FORMATS = (".jsonl", ".json", ".parquet")
@@ -405,6 +407,7 @@ def collate(examples: list[Example], rows: list[np.ndarray], pad_id: int) -> dic
     example into the next); position_ids restart at 0 at every example and at the padding, which thus forms
     its own segment. `n_tokens` counts the non-padding tokens.
     """
+    import torch  # here, so that configs (and `--help`) load without torch
     lengths = [sum(len(examples[i]) for i in row) for row in rows]
     shape = (len(rows), max(lengths))
     ids, tgt, pos = np.full(shape, pad_id, np.int64), np.full(shape, IGNORE, np.int64), np.zeros(shape, np.int64)
