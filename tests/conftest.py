@@ -65,6 +65,21 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | No
     return proc
 
 
+def kill_after_checkpoint(args: list[str], out: Path, at_least: str, timeout: float = 180) -> None:
+    """Start `lmforge ARGS out_dir=OUT` and SIGKILL it (mid-step, maybe mid-write) once `latest` >= `at_least`."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args, f"out_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(out) / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= at_least):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, events, read_metrics, run_cli, step_losses
+from conftest import ROOT, events, kill_after_checkpoint, read_metrics, run_cli, step_losses
 
 FAST = ["train.device=cpu", "train.threads=1", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2",
         "train.lr=3e-3", "train.micro_batch_size=4", "log.progress=false", "log.tensorboard=false",
@@ -82,14 +80,8 @@ def test_killed_lora_run_resumes_with_identical_losses(tiny, tmp_path):
     reference = step_losses(tmp_path / "full")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args, f"out_dir={out}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after_checkpoint(args, out, "step-0000010")
     latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-0000010"):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     resumed_from = int(latest.read_text().strip().split("-")[1])
     assert resumed_from < 30
 

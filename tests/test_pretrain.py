@@ -1,7 +1,6 @@
 """The pretraining engine end to end: learning, checkpoints, exact resume, guards, config errors."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, events, read_metrics, run_cli, step_losses
+from conftest import TINY, events, kill_after_checkpoint, read_metrics, run_cli, step_losses
 from lmforge.config import ConfigError, load_config
 from lmforge.train.config import PretrainConfig
 from lmforge.train.pretrain import pretrain
@@ -60,14 +59,8 @@ def test_killed_run_resumes_with_identical_losses(char_shards, tmp_path):
     reference = step_losses(tmp_path / "full")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args, f"out_dir={out}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after_checkpoint(args, out, "step-0000015", timeout=120)
     latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-0000015"):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # mid-step, possibly mid-checkpoint-write
-    proc.wait()
     named = latest.read_text().strip()
     assert (out / "checkpoints" / named / "trainer_state.pt").is_file()
     resumed_from = int(named.split("-")[1])

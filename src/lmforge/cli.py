@@ -64,40 +64,39 @@ def _config_and_overrides(args) -> tuple[str | None, list[str]]:
     return path, items
 
 
-def cmd_pretrain(args) -> int:
+def _train(args, config_cls, stage) -> int:
+    """Load the config, run a training stage, print its summary (rank 0); a guard stop exits 1."""
     from lmforge.config import load_config
-    from lmforge.train.config import PretrainConfig
 
     path, overrides = _config_and_overrides(args)
-    cfg = load_config(PretrainConfig, path, overrides)
+    cfg = load_config(config_cls(), path, overrides)
     from lmforge.train.guards import TrainingStopped
-    from lmforge.train.pretrain import pretrain
     try:
-        summary = pretrain(cfg)
+        summary = stage()(cfg)
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     if summary.get("rank", 0) == 0:
         _print_summary(summary, cfg.out_dir)
     return 0
+
+
+def _pretrain_stage():
+    from lmforge.train.pretrain import pretrain
+    return pretrain
+
+
+def _finetune_stage():
+    from lmforge.train.finetune import finetune
+    return finetune
+
+
+def cmd_pretrain(args) -> int:
+    return _train(args, _pretrain_config, _pretrain_stage)
 
 
 def cmd_finetune(args) -> int:
-    from lmforge.config import load_config
-    from lmforge.train.config import FinetuneConfig
-
-    path, overrides = _config_and_overrides(args)
-    cfg = load_config(FinetuneConfig, path, overrides)
-    from lmforge.train.finetune import finetune
-    from lmforge.train.guards import TrainingStopped
-    try:
-        summary = finetune(cfg)
-    except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 1
-    if summary.get("rank", 0) == 0:
-        _print_summary(summary, cfg.out_dir)
-    return 0
+    return _train(args, _finetune_config, _finetune_stage)
 
 
 def _print_summary(s: dict, out_dir: Path) -> None:

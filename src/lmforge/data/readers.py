@@ -229,18 +229,22 @@ def _file_documents(path: Path, text_field: str, report: ReadReport) -> Iterator
     yield Document(id=src, text=text, source=src, meta=meta)
 
 
-def _hf_documents(spec: str, text_field: str, report: ReadReport) -> Iterator[Document]:
-    """`hf:NAME[:SPLIT]` (hub id, online only) or a `save_to_disk` directory."""
+def open_hf_dataset(spec: str):
+    """`hf:NAME[:SPLIT]` (hub id, online only) or a `save_to_disk` directory, as one split (default train)."""
     import datasets
 
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-    else:
-        ds = datasets.load_from_disk(spec)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    for i, record in enumerate(ds):
+        return datasets.load_dataset(name, split=split or "train")
+    ds = datasets.load_from_disk(spec)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    return ds
+
+
+def _hf_documents(spec: str, text_field: str, report: ReadReport) -> Iterator[Document]:
+    """The documents of an HF dataset (see `open_hf_dataset`)."""
+    for i, record in enumerate(open_hf_dataset(spec)):
         doc = _record_to_doc(record, f"{spec}:row {i}", spec, text_field, report)
         if doc:
             yield doc

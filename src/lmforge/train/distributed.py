@@ -38,8 +38,11 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_runtime(device_pref: str, parallel: str) -> Runtime:
-    """Join torchrun's process group when its environment is there (NCCL on CUDA, gloo otherwise)."""
+def init_runtime(device_pref: str, parallel: str, threads: int | None = None) -> Runtime:
+    """Join torchrun's process group when its environment is there (NCCL on CUDA, gloo otherwise).
+
+    CPU threads: `threads` if given, else the cores split between the processes on this machine.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local)
@@ -50,6 +53,10 @@ def init_runtime(device_pref: str, parallel: str) -> Runtime:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
     return Runtime(rank, world, local, device)
 
 

@@ -110,7 +110,7 @@ def apply_liger(model: nn.Module) -> None:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
-        raise RuntimeError("train.liger=true needs liger-kernel: pip install liger-kernel") from None
+        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
 
@@ -165,14 +165,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from lmforge.model.load import load_tokenizer
 
     tc = cfg.train
-    rt = init_runtime(tc.device, tc.parallel)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    elif rt.device.type == "cpu" and rt.world_size > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // rt.world_size))
+    rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
         if tc.liger and rt.device.type != "cuda":
-            raise RuntimeError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
+            raise ValueError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
         precision = resolve_precision(tc.precision, rt.device)
         tokenizer = load_tokenizer(cfg.base_model)
         data = load_sft_data(cfg.data, tokenizer, cfg.seed)

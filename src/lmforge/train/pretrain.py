@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from lmforge.config import dump_config
@@ -22,11 +21,7 @@ from lmforge.train.objectives import causal_lm
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train per `cfg`; resumes from out_dir/checkpoints/latest when it exists (resume=auto)."""
     tc = cfg.train
-    rt = init_runtime(tc.device, tc.parallel)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    elif rt.device.type == "cpu" and rt.world_size > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // rt.world_size))
+    rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
         meta = read_meta(cfg.data.dir, vocab_size=cfg.model.vocab_size)
         if cfg.model.vocab_size is None:

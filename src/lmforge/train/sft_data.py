@@ -25,7 +25,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from lmforge.config import Strict
-from lmforge.data.readers import ReadReport, is_hf_dataset, list_inputs, open_binary, split_suffix
+from lmforge.data.readers import (ReadReport, is_hf_dataset, list_inputs, open_binary, open_hf_dataset,
+                                  split_suffix)
 
 if TYPE_CHECKING:
     import torch
@@ -137,16 +138,7 @@ def iter_records(spec: str, report: ReadReport) -> Iterator[tuple[str, object]]:
 
 
 def _hf_records(spec: str) -> Iterator[tuple[str, object]]:
-    import datasets
-
-    if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-    else:
-        ds = datasets.load_from_disk(spec)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    for i, record in enumerate(ds):
+    for i, record in enumerate(open_hf_dataset(spec)):
         yield f"{spec}:row {i}", record
 
 
