@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,26 @@ def smollm2_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def save_tiny(path: Path, seed: int = 0, zero_head: bool = False, max_positions: int = 512) -> Path:
+    """A 2-layer Llama and a character tokenizer over string.printable (so ChatML encodes) saved as an HF dir."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lmforge.tokens.tokenizer import build_char_tokenizer
+
+    build_char_tokenizer(string.printable, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    if zero_head:  # every logit 0: greedy decoding always picks token 0, never EOS
+        torch.nn.init.zeros_(model.lm_head.weight)
+    model.save_pretrained(path)
+    return path
+
+
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lmforge ARGS` in a subprocess, as a user runs it."""
     proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
@@ -91,3 +112,48 @@ def step_losses(out_dir: Path) -> dict[int, float]:
 
 def events(out_dir: Path) -> list[dict]:
     return [r for r in read_metrics(out_dir) if "event" in r]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | Path, *flags: str, port: int | None = None, timeout: float = 120,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`lmforge serve MODEL FLAGS` in its own process group on a free port; returns it and its base URL once
+    /health answers 200. Stop it with `stop_server`."""
+    import time
+
+    import httpx
+
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(port), *flags],
+                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"lmforge serve exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise AssertionError(f"lmforge serve did not become healthy in {timeout} s")
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    """Kill a server started by `start_server` (its whole process group); returns what it printed."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=30)
+    return out or ""

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import string
 from pathlib import Path
 
 import pytest
@@ -14,29 +13,11 @@ import torch
 from lmforge.generate import chat, generate, generate_samples
 from lmforge.model import load
 from lmforge.model.export import export_model
+from conftest import save_tiny
 from lmforge.model.load import ModelLoadError, hf_dir, load_model, load_tokenizer, resolve
 
 ALIAS = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def save_tiny(path: Path, seed: int = 0, zero_head: bool = False) -> Path:
-    """A 2-layer Llama and a character tokenizer over string.printable (so ChatML encodes) saved as an HF dir."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lmforge.tokens.tokenizer import build_char_tokenizer
-
-    build_char_tokenizer(string.printable, path)
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    if zero_head:  # every logit 0: greedy decoding always picks token 0, never EOS
-        torch.nn.init.zeros_(model.lm_head.weight)
-    model.save_pretrained(path)
-    return path
 
 
 def logits(model, ids) -> torch.Tensor:

@@ -250,6 +250,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lmforge.serve.server import load_serve_config, serve
+
+    flags = {k: getattr(args, k) for k in ("model", "host", "port", "api_key", "served_model_name", "max_batch",
+                                           "max_queue", "max_model_len", "max_prefill_tokens", "request_timeout",
+                                           "max_body_bytes", "threads", "device", "dtype", "backend")}
+    return serve(load_serve_config(args.config, flags))
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -384,6 +393,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the weights (default: keep the source's dtype)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and Prometheus metrics",
+                       description="Serve MODEL (an alias, .gguf, HF directory, run or LoRA adapter) over the OpenAI "
+                                   "API: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+                                   "/generate, /health, /metrics. Flags override --config.")
+    s.add_argument("model", nargs="?", help="model spec (or `model:` in --config)")
+    s.add_argument("--config", help="YAML with the same settings as the flags (see configs/serve/)")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1, /generate, /tokenize, /detokenize (repeatable)")
+    s.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="name(s) clients send as `model` (default: MODEL as given)")
+    s.add_argument("--max-batch", type=int, help="sequences decoded together (default 32)")
+    s.add_argument("--max-queue", type=int, help="requests that may wait; more get 429 (default 256)")
+    s.add_argument("--max-model-len", type=int, help="context window: prompt + max_tokens (default: the model's)")
+    s.add_argument("--max-prefill-tokens", type=int, help="prompt tokens prefilled per step (default 1024)")
+    s.add_argument("--request-timeout", type=float, help="seconds before a request is abandoned with 408 (default 600)")
+    s.add_argument("--max-body-bytes", type=int, help="request body cap; larger gets 413 (default 8 MiB)")
+    s.add_argument("--threads", type=int, help="CPU threads for the model (default: all cores; give each replica "
+                                               "its share when several run on one machine)")
+    s.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    s.add_argument("--backend", choices=["lmforge", "vllm"], help="vllm: run vLLM's server with these flags")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("data", help="data pipeline: crawl, extract, filter, dedup, PII, and whole runs")
     dsub = d.add_subparsers(dest="dcommand", required=True, metavar="SUB", parser_class=Parser)
