@@ -96,14 +96,21 @@ def test_runner_logits_equal_transformers(arch):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     runner = Runner(model, max_slots=3, max_len=256)
     a, b = list(range(5, 40)), list(range(50, 61))
+
+    def last_logits(ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0, -1]
+
     with torch.no_grad():
-        full_a = model(torch.tensor([a + [7]])).logits[0]
-        full_b = model(torch.tensor([b + [9]])).logits[0]
-    torch.testing.assert_close(runner.prefill(0, a, all_logits=True), full_a[:-1], atol=1e-4, rtol=1e-4)
-    runner.prefill(1, b)
-    step = runner.decode([7, 9], [len(a), len(b)])  # two rows of different lengths in one step
-    torch.testing.assert_close(step[0], full_a[-1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(step[1], full_b[-1], atol=1e-4, rtol=1e-4)
+        full_a = model(torch.tensor([a])).logits[0]
+    _, [pa] = runner.forward([], [(0, a, True)])  # a prompt alone, every position's logits (echo)
+    torch.testing.assert_close(pa, full_a, atol=1e-4, rtol=1e-4)
+    d, [pb] = runner.forward([(7, len(a))], [(1, b, False)])  # slot 0 decodes while b is prefilled into slot 1
+    torch.testing.assert_close(d[0], last_logits(a + [7]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pb[0], last_logits(b), atol=1e-4, rtol=1e-4)
+    d, _ = runner.forward([(8, len(a) + 1), (9, len(b))], [])  # two rows of different lengths in one step
+    torch.testing.assert_close(d[0], last_logits(a + [7, 8]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(d[1], last_logits(b + [9]), atol=1e-4, rtol=1e-4)
 
 
 def test_unsupported_architecture_is_a_clear_error():

@@ -190,50 +190,61 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> None:
-        """Reap, admit and prefill, then one decode step for everything running."""
+        """Reap, admit, then one forward pass: a decode token for every running sequence plus the new prompts."""
         now = time.monotonic()
         for s in list(self.running):
             if s.req.cancelled:
                 self._finish(s, "abort")
             elif s.req.timeout is not None and now - s.req.arrival > s.req.timeout:
                 self._finish(s, "timeout")
-        self._admit()
-        if not self.running:
+        admitted = self._admit()
+        if not self.running and not admitted:
             return
-        logits = self.runner.decode([s.tokens[-1] for s in self.running], [s.cached for s in self.running])
-        for s in self.running:
+        prefills, slot = [], len(self.running)
+        for req in admitted:  # each new request gets n slots after the running ones; its prompt goes in the first
+            prefills.append((slot, req.prompt_ids, req.params.prompt_logprobs is not None))
+            slot += req.params.n
+        decode_logits, prompt_logits = self.runner.forward([(s.tokens[-1], s.cached) for s in self.running], prefills)
+        seqs, rows = list(self.running), [decode_logits]
+        for s in seqs:
             s.cached += 1
-        self._advance(list(self.running), logits)
+        started = [self._start(req, slot, logits) for req, (slot, _, _), logits in zip(admitted, prefills, prompt_logits)]
+        for req, new, logits in zip(admitted, started, prompt_logits):
+            if req.params.max_tokens == 0:  # echo only: the prompt's log-probabilities are the whole answer
+                for s in new:
+                    self._finish(s, "length")
+            else:
+                seqs += new
+                rows.append(logits[-1:].expand(len(new), -1))
+        if seqs:
+            self._advance(seqs, torch.cat(rows) if len(rows) > 1 else rows[0])
 
-    def _admit(self) -> None:
-        budget = self.max_prefill_tokens
-        while True:
-            with self.lock:
-                if not self.waiting:
-                    break
+    def _admit(self) -> list[Request]:
+        """Pop the waiting requests that fit this step: free slots for all n sequences, prefill token budget."""
+        admitted, budget, slots = [], self.max_prefill_tokens, self.max_batch - len(self.running)
+        with self.lock:
+            while self.waiting:
                 req = self.waiting[0]
                 expired = req.timeout is not None and time.monotonic() - req.arrival > req.timeout
                 if req.cancelled or expired:
                     self.waiting.popleft()
-                    self._gauges()
                     if expired:
                         req.sink(Event(0, "", [], [], "timeout"))
                         if self.metrics is not None:
                             self.metrics.finished("timeout", time.monotonic() - req.arrival)
                     continue
-                if len(self.running) + req.params.n > self.max_batch:
-                    break
-                if budget < len(req.prompt_ids) and budget < self.max_prefill_tokens:
-                    break  # this step already prefilled something; the long prompt goes next step
+                if req.params.n > slots or (admitted and len(req.prompt_ids) > budget):
+                    break  # a long prompt waits for a step of its own rather than stall this one
                 self.waiting.popleft()
-                self._gauges()
-            budget -= len(req.prompt_ids)
-            self._prefill(req)
+                admitted.append(req)
+                budget -= len(req.prompt_ids)
+                slots -= req.params.n
+            self._gauges()
+        return admitted
 
-    def _prefill(self, req: Request) -> None:
+    def _start(self, req: Request, slot: int, logits: torch.Tensor) -> list[_Seq]:
+        """The n sequences of a just-prefilled request, appended to the batch; copies 2..n get the prompt's KV."""
         p = req.params
-        slot = len(self.running)
-        logits = self.runner.prefill(slot, req.prompt_ids, all_logits=p.prompt_logprobs is not None)
         prompt_lp = self._prompt_logprobs(req, logits) if p.prompt_logprobs is not None else None
         generator = None
         if p.seed is not None:
@@ -252,12 +263,7 @@ class Engine:
         self._gauges()
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        if p.max_tokens == 0:  # echo-only request: the prompt's log-probabilities are the answer
-            for s in seqs:
-                self._finish(s, "length")
-            return
-        last = logits[-1:].expand(p.n, -1)
-        self._advance(seqs, last)
+        return seqs
 
     def _prompt_logprobs(self, req: Request, logits: torch.Tensor) -> list[TokenLogprob | None]:
         lp = torch.log_softmax(logits[:-1], dim=-1)

@@ -123,7 +123,8 @@ class Runner:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q (B, heads, T, hd), k and v (B, kv_heads, T, hd) for hidden states x (B, T, hidden)."""
+        """q (B, heads, T, hd), k and v (B, kv_heads, T, hd) for hidden states x (B, T, hidden); cos and sin
+        broadcast against (B, T, heads, hd)."""
         b, t, _ = x.shape
         qkv = F.linear(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
         qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.hd)
@@ -139,43 +140,57 @@ class Runner:
         return x + F.linear(F.silu(gate) * up, layer.down)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Run prompt `ids` into `slot` (positions 0..T-1); logits of the last position, or of all (T, vocab)."""
-        t = len(ids)
-        self._ensure(t + 1)
-        x = self.embed[torch.tensor(ids, device=self.device)][None]
-        cos, sin = self.cos[:t, None, :], self.sin[:t, None, :]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            self.k[i][slot, :, :t].copy_(k[0])
-            self.v[i][slot, :, :t].copy_(v[0])
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-            x = self._mlp_out(layer, x, y.transpose(1, 2).reshape(1, t, -1))
-        h = self._rms(x[0] if all_logits else x[0, -1:], self.norm)
-        return F.linear(h, self.head).float()
+    def forward(self, decode: list[tuple[int, int]], prefills: list[tuple[int, list[int], bool]]):
+        """One pass over the weights for a mixed batch; returns (decode logits (B, vocab), [prefill logits]).
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """One token for each of slots 0..B-1; `lengths[b]` tokens are cached in slot b. Logits (B, vocab)."""
-        b = len(tokens)
-        longest = max(lengths) + 1
-        self._ensure(longest)
-        pos = torch.tensor(lengths, device=self.device)
-        x = self.embed[torch.tensor(tokens, device=self.device)][:, None]
-        cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]
-        # mask[b, t] = 0 where slot b has a token at position t (after this step's write), else -inf
-        mask = torch.arange(longest, device=self.device)[None, :] > pos[:, None]
-        mask = torch.zeros(mask.shape, device=self.device, dtype=self.dtype).masked_fill_(mask, float("-inf"))
-        mask = mask[:, None, None, :]
-        rows = torch.arange(b, device=self.device)
+        `decode[b] = (token, cached)`: slot b (slots 0..B-1) holds `cached` tokens and gets `token` at that
+        position. `prefills[i] = (slot, ids, all_logits)`: a new prompt written into `slot` (>= B) at positions
+        0..T-1; its logits are the last position's (1, vocab), or every position's (T, vocab). Decode and prefill
+        tokens share every matmul (vLLM's mixed batches), so admitting a request costs no extra weight pass.
+        """
+        b = len(decode)
+        tokens = [t for t, _ in decode] + [t for _, ids, _ in prefills for t in ids]
+        positions = [n for _, n in decode] + [p for _, ids, _ in prefills for p in range(len(ids))]
+        self._ensure(max(p for p in positions) + 2)
+        dev = self.device
+        pos = torch.tensor(positions, device=dev)
+        x = self.embed[torch.tensor(tokens, device=dev)][None]  # (1, N, hidden): every token is one row
+        cos, sin = self.cos[pos][None, :, None, :], self.sin[pos][None, :, None, :]
+        if b:
+            longest = max(n for _, n in decode) + 1
+            dpos = pos[:b]
+            # mask[b, t] = 0 where slot b has a token at position t (after this step's write), else -inf
+            mask = torch.arange(longest, device=dev)[None, :] > dpos[:, None]
+            mask = torch.zeros(mask.shape, device=dev, dtype=self.dtype).masked_fill_(mask, float("-inf"))[:, None, None]
+            rows = torch.arange(b, device=dev)
         g = self.n_heads // self.n_kv
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)  # (1, heads, N, hd), (1, kv, N, hd)
             kc, vc = self.k[i], self.v[i]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            q = q.reshape(b, self.n_kv, g, self.hd)
-            att = torch.matmul(q, kc[:b, :, :longest].transpose(-1, -2)).mul_(self.scale).add_(mask)
-            y = torch.matmul(att.softmax(dim=-1), vc[:b, :, :longest])  # (B, kv, g, hd) = heads in HF order
-            x = self._mlp_out(layer, x, y.reshape(b, 1, -1))
-        return F.linear(self._rms(x[:, 0], self.norm), self.head).float()
+            ys = []
+            if b:
+                kc[rows, :, dpos] = k[0, :, :b].transpose(0, 1)
+                vc[rows, :, dpos] = v[0, :, :b].transpose(0, 1)
+                qd = q[0, :, :b].transpose(0, 1).reshape(b, self.n_kv, g, self.hd)
+                att = torch.matmul(qd, kc[:b, :, :longest].transpose(-1, -2)).mul_(self.scale).add_(mask)
+                ys.append(torch.matmul(att.softmax(dim=-1), vc[:b, :, :longest]).reshape(b, -1))  # HF head order
+            start = b
+            for slot, ids, _ in prefills:
+                end = start + len(ids)
+                kc[slot, :, : len(ids)] = k[0, :, start:end]
+                vc[slot, :, : len(ids)] = v[0, :, start:end]
+                y = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                   is_causal=True, enable_gqa=g != 1)
+                ys.append(y[0].transpose(0, 1).reshape(len(ids), -1))
+                start = end
+            x = self._mlp_out(layer, x, torch.cat(ys)[None] if len(ys) > 1 else ys[0][None])
+        h = self._rms(x[0], self.norm)
+        picks, start = list(range(b)), b
+        spans = []
+        for _, ids, all_logits in prefills:
+            first = start if all_logits else start + len(ids) - 1
+            spans.append((len(picks), len(picks) + start + len(ids) - first))
+            picks += range(first, start + len(ids))
+            start += len(ids)
+        logits = F.linear(h[torch.tensor(picks, device=dev)] if len(picks) < h.shape[0] else h, self.head).float()
+        return logits[:b], [logits[a:z] for a, z in spans]
