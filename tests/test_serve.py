@@ -387,3 +387,26 @@ def test_vllm_backend_command_and_missing_package(tiny):
     if shutil.which("vllm") is None:
         p = run_cli("serve", str(tiny), "--backend", "vllm", check=False, timeout=60)
         assert p.returncode == 2 and "needs the vllm package" in p.stderr
+
+
+def test_n_choices_echo_only_and_chat_logprobs(server, hf):
+    model, tok = hf
+    r = httpx.post(server + "/v1/completions", headers=auth(), json={
+        "prompt": ["ab", "cd"], "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3] and r["usage"]["completion_tokens"] == 24
+    again = httpx.post(server + "/v1/completions", headers=auth(), json={
+        "prompt": ["ab", "cd"], "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True}).json()
+    assert [c["text"] for c in r["choices"]] == [c["text"] for c in again["choices"]]  # seeded: reproducible
+
+    echo = httpx.post(server + "/v1/completions", headers=auth(), json={
+        "prompt": "hello", "max_tokens": 0, "echo": True, "logprobs": 1}).json()["choices"][0]
+    assert echo["text"] == "hello" and len(echo["logprobs"]["token_logprobs"]) == 5
+    assert echo["finish_reason"] == "length"
+
+    chat = httpx.post(server + "/v1/chat/completions", headers=auth(), json={
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [
+            {"type": "text", "text": "hi"}]}], "max_tokens": 4, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"] and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert content[0]["logprob"] == pytest.approx(content[0]["top_logprobs"][0]["logprob"])  # greedy took the top

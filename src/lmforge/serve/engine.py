@@ -22,6 +22,7 @@ import torch
 from lmforge.serve.runner import Runner
 
 log = logging.getLogger("lmforge.serve")
+IDLE_RELEASE_S = 30.0  # the KV cache is freed after this long without work; reallocating costs ~0.3 s
 
 
 class QueueFull(Exception):
@@ -174,8 +175,9 @@ class Engine:
         while True:
             with self.lock:
                 while not self.stopping and not self.waiting and not self.running:
-                    self.runner.release()
-                    self.lock.wait()
+                    if not self.lock.wait(timeout=IDLE_RELEASE_S):
+                        self.runner.release()  # idle: give the KV memory back
+                        self.lock.wait()
                 if self.stopping:
                     break
             try:

@@ -91,30 +91,35 @@ class Runner:
         self.cos = emb.cos().to(self.device, self.dtype)
         self.sin = (emb.sin() * sign).to(self.device, self.dtype)
         self.scale = hd ** -0.5
-        self.cap = 0
+        self.slots = self.cap = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
     # ---- cache -------------------------------------------------------------------------------
-    def _ensure(self, length: int) -> None:
-        """Grow every layer's cache so each slot holds `length` tokens (existing contents kept)."""
-        if length <= self.cap:
+    def _ensure(self, slots: int, length: int) -> None:
+        """Grow the cache to hold `slots` sequences of `length` tokens each, keeping what it holds.
+
+        Both sizes grow in steps (8 slots, GROW tokens), so memory follows the traffic rather than
+        max_batch x max_model_len, and a growing batch reallocates only now and then."""
+        if slots <= self.slots and length <= self.cap:
             return
-        cap = min(self.max_len, -(-length // GROW) * GROW)
-        shape = (self.max_slots, self.n_kv, cap, self.hd)
+        slots = min(self.max_slots, max(self.slots, -(-slots // 8) * 8))
+        cap = min(self.max_len, max(self.cap, -(-length // GROW) * GROW))
+        shape = (slots, self.n_kv, cap, self.hd)
         new_k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         new_v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, :, : self.cap].copy_(old)
-        self.k, self.v, self.cap = new_k, new_v, cap
+            new[: self.slots, :, : self.cap].copy_(old)
+        self.k, self.v, self.slots, self.cap = new_k, new_v, slots, cap
 
     def release(self) -> None:
-        """Free the whole cache (called when no sequence is running)."""
-        self.k, self.v, self.cap = [], [], 0
+        """Free the whole cache (the engine calls this when it has been idle for a while)."""
+        self.k, self.v, self.slots, self.cap = [], [], 0, 0
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` cached tokens into slot `dst`."""
+        self._ensure(max(src, dst) + 1, length)
         for c in self.k + self.v:
             c[dst, :, :length].copy_(c[src, :, :length])
 
@@ -151,7 +156,7 @@ class Runner:
         b = len(decode)
         tokens = [t for t, _ in decode] + [t for _, ids, _ in prefills for t in ids]
         positions = [n for _, n in decode] + [p for _, ids, _ in prefills for p in range(len(ids))]
-        self._ensure(max(p for p in positions) + 2)
+        self._ensure(max([len(decode)] + [slot + 1 for slot, _, _ in prefills]), max(positions) + 2)
         dev = self.device
         pos = torch.tensor(positions, device=dev)
         x = self.embed[torch.tensor(tokens, device=dev)][None]  # (1, N, hidden): every token is one row
