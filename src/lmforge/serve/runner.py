@@ -19,6 +19,25 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 GROW = 256  # cache length grows in steps of this many tokens
 
 
+def _linear_fn(device: torch.device, dtype: torch.dtype, batch_hint: int):
+    """(pack, linear): oneDNN-prepacked weights on CPU, plain F.linear elsewhere.
+
+    MKL's sgemm repacks the weight on every call, which at decode's few rows costs as much as the
+    product: prepacking once halves a decode step on CPU (bench/serve_cpu.py). `batch_hint` is the
+    row count oneDNN tunes the layout for; other row counts work too.
+    """
+    ops = getattr(torch.ops, "mkldnn", None)
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
+            hasattr(ops, "_reorder_linear_weight"):
+        def pack(w):
+            return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint)
+
+        def linear(x, w, bias=None):
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        return pack, linear
+    return (lambda w: w), F.linear
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
@@ -64,24 +83,25 @@ class Runner:
         self.eps = cfg.rms_norm_eps
         self.vocab_size = cfg.vocab_size
         self.max_slots, self.max_len = max_slots, max_len
+        pack, self.linear = _linear_fn(self.device, self.dtype, min(max_slots, 32))
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.norm = inner.norm.weight.detach()
-            self.head = model.get_output_embeddings().weight.detach()
+            self.head = pack(model.get_output_embeddings().weight.detach())
             self.layers = []
             for layer in inner.layers:
                 a, m = layer.self_attn, layer.mlp
                 bias = None
                 if a.q_proj.bias is not None:
-                    bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+                    bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
                 self.layers.append(_Layer(
                     attn_norm=layer.input_layernorm.weight.detach(),
-                    qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                    qkv=pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()),
                     qkv_bias=bias,
-                    o=a.o_proj.weight.detach(),
+                    o=pack(a.o_proj.weight.detach()),
                     mlp_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
-                    down=m.down_proj.weight.detach()))
+                    gate_up=pack(torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()),
+                    down=pack(m.down_proj.weight.detach())))
         hd = self.hd
         inv_freq = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         freqs = torch.outer(torch.arange(max_len).float(), inv_freq)
@@ -131,7 +151,7 @@ class Runner:
         """q (B, heads, T, hd), k and v (B, kv_heads, T, hd) for hidden states x (B, T, hidden); cos and sin
         broadcast against (B, T, heads, hd)."""
         b, t, _ = x.shape
-        qkv = F.linear(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
+        qkv = self.linear(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
         qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.hd)
         qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)
         qk = torch.addcmul(qk * cos, qk.roll(self.hd // 2, dims=-1), sin)
@@ -140,9 +160,9 @@ class Runner:
 
     def _mlp_out(self, layer: _Layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Residual after attention output y (B, T, heads*hd), then the SwiGLU MLP and its residual."""
-        x = x + F.linear(y, layer.o)
-        gate, up = F.linear(self._rms(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down)
+        x = x + self.linear(y, layer.o)
+        gate, up = self.linear(self._rms(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)
+        return x + self.linear(F.silu(gate) * up, layer.down)
 
     @torch.inference_mode()
     def forward(self, decode: list[tuple[int, int]], prefills: list[tuple[int, list[int], bool]]):
@@ -197,5 +217,5 @@ class Runner:
             spans.append((len(picks), len(picks) + start + len(ids) - first))
             picks += range(first, start + len(ids))
             start += len(ids)
-        logits = F.linear(h[torch.tensor(picks, device=dev)] if len(picks) < h.shape[0] else h, self.head).float()
+        logits = self.linear(h[torch.tensor(picks, device=dev)] if len(picks) < h.shape[0] else h, self.head).float()
         return logits[:b], [logits[a:z] for a, z in spans]
