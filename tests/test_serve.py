@@ -410,3 +410,28 @@ def test_n_choices_echo_only_and_chat_logprobs(server, hf):
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == chat["usage"]["completion_tokens"] and all(len(c["top_logprobs"]) == 2 for c in content)
     assert content[0]["logprob"] == pytest.approx(content[0]["top_logprobs"][0]["logprob"])  # greedy took the top
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_batch_equals_model_generate(smollm2_cache, monkeypatch):
+    """The real model: six chat prompts decoded together (joining at different steps) give exactly
+    model.generate's greedy tokens, EOS included."""
+    from lmforge.generate import eos_ids
+    from lmforge.model.load import load_model, load_tokenizer
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(smollm2_cache))
+    model, tok = load_model("smollm2-135m-instruct").eval(), load_tokenizer("smollm2-135m-instruct")
+    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+                 "What is 12 times 7?", "Who wrote Hamlet?", "Give one tip for sleeping well."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for q in questions]
+    stops = eos_ids(model, tok)
+    events = run_engine(Engine(model, tok, stops, max_batch=4), [
+        (p, SamplingParams(max_tokens=40, temperature=0)) for p in prompts], stagger=0.05)
+    for p, evs in zip(prompts, events):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        assert [t for e in evs for t in e.token_ids] == ref
+        assert "".join(e.text for e in evs) == tok.decode(ref, skip_special_tokens=True)
+    assert "Paris" in "".join(e.text for e in events[0])
