@@ -29,6 +29,8 @@ from lmforge.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRe
 
 log = logging.getLogger("lmforge.serve")
 PROTECTED = ("/v1/", "/generate", "/tokenize", "/detokenize")
+# proxies (nginx) must pass each token on at once rather than buffer the stream
+SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
           "/generate"}
 
@@ -409,7 +411,7 @@ def create_app(state: ServerState) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(call, chunks, include, lambda c: {
                 "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                "usage": _usage(usage, c)}), media_type="text/event-stream")
+                "usage": _usage(usage, c)}), media_type="text/event-stream", headers=SSE_HEADERS)
 
         choices: dict[int, dict] = {}
         completion_tokens = 0
@@ -462,7 +464,7 @@ def create_app(state: ServerState) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(call, chunks, include, lambda c: {**base, "choices": [],
                                                                                "usage": _usage(len(ids), c)}),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
 
         choices: dict[int, dict] = {}
         completion_tokens = 0

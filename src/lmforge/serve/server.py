@@ -113,7 +113,7 @@ def serve(cfg: ServeConfig) -> int:
                         request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=75))
     keys = f", {len(cfg.api_key)} API key(s)" if cfg.api_key else ""
     print(f"loading {cfg.model} (serving as {', '.join(names)}{keys}) on http://{cfg.host}:{cfg.port}", flush=True)
     loader = threading.Thread(target=_load, args=(cfg, state, server), daemon=True)
