@@ -126,27 +126,37 @@ def start_server(model: str | Path, *flags: str, port: int | None = None, timeou
                  env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`lmforge serve MODEL FLAGS` in its own process group on a free port; returns it and its base URL once
     /health answers 200. Stop it with `stop_server`."""
-    import time
-
-    import httpx
-
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(port), *flags],
                             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, timeout, "lmforge serve")
+    except AssertionError:
+        stop_server(proc)
+        raise
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str, details=lambda: "") -> None:
+    """Poll URL/health until it answers 200; fail with the process's output if it exits or time runs out."""
+    import time
+
+    import httpx
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"lmforge serve exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise AssertionError(f"lmforge serve did not become healthy in {timeout} s")
+    with httpx.Client(trust_env=False, timeout=2) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}\n{details()}")
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"{name} did not answer /health in {timeout} s\n{details()}")
 
 
 def stop_server(proc: subprocess.Popen) -> str:

@@ -435,3 +435,24 @@ def test_smollm2_greedy_batch_equals_model_generate(smollm2_cache, monkeypatch):
         assert [t for e in evs for t in e.token_ids] == ref
         assert "".join(e.text for e in evs) == tok.decode(ref, skip_special_tokens=True)
     assert "Paris" in "".join(e.text for e in events[0])
+
+
+def test_serves_a_lora_adapter_merged_on_its_base(tiny, hf, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    merged = peft.merge_and_unload().eval()
+    _, tok = hf
+    ids = tok("adapter").input_ids
+    proc, url = start_server(tmp_path / "adapter", "--threads", "1")
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 10, "temperature": 0,
+                                                      "ignore_eos": True}).json()
+    finally:
+        stop_server(proc)
+    assert r["choices"][0]["text"] == tok.decode(greedy_reference(merged, ids, 10), skip_special_tokens=True)
+    assert r["model"] == str(tmp_path / "adapter")

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, save_tiny, start_server, stop_server
+from conftest import ROOT, free_port, save_tiny, start_server, stop_server, wait_healthy
 
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 KEY = "sk-deploy-test"
@@ -60,19 +60,12 @@ def start_nginx(exe: str, prefix: Path, conf: Path, url: str, timeout: float = 3
         directives += " user root;"
     proc = subprocess.Popen([exe, "-p", f"{prefix}/", "-c", str(conf), "-g", directives], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False, timeout=2) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"nginx exited with {proc.returncode}:\n{proc.stdout.read()}\n{error_log(prefix)}")
-            try:
-                if client.get(url + "/health").status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    stop_nginx(proc)
-    raise AssertionError(f"nginx did not answer /health in {timeout} s:\n{error_log(prefix)}")
+    try:
+        wait_healthy(proc, url, timeout, "nginx", lambda: error_log(prefix))
+    except AssertionError:
+        stop_nginx(proc)
+        raise
+    return proc
 
 
 def stop_nginx(proc: subprocess.Popen) -> None:

@@ -211,7 +211,7 @@ class _Call:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.n, self.remaining = params.n, len(prompts) * params.n
-        self.reqs = [Request(ids, params, self._sink(loop, k), timeout=state.request_timeout)
+        self.reqs = [Request(ids, params, self._sink(k), loop=loop, timeout=state.request_timeout)
                      for k, ids in enumerate(prompts)]
         try:
             for r in self.reqs:
@@ -223,8 +223,8 @@ class _Call:
             self.cancel()
             raise ApiError(400, str(e), param="n") from e
 
-    def _sink(self, loop, k: int):
-        return lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, (k, ev))
+    def _sink(self, k: int):
+        return lambda ev: self.queue.put_nowait((k, ev))  # runs in the event loop's thread
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -392,12 +392,14 @@ def create_app(state: ServerState) -> FastAPI:
             offsets[k * req.n + i] = start + sum(len(s) for s in out["tokens"])
             return out
 
+        started: set[tuple[int, int]] = set()
+
         def echoed(k: int, ev: Event) -> str:
+            """The event's text, after the prompt's on the first event of each choice when echo is on."""
             first = req.echo and (k, ev.index) not in started
             started.add((k, ev.index))
             return (prompt_texts[k] if first else "") + ev.text
 
-        started: set[tuple[int, int]] = set()
         if req.stream:
             def chunks(k, ev):
                 text = echoed(k, ev)

@@ -10,6 +10,7 @@ queue (under a lock) and each request's `cancelled` flag.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -22,6 +23,7 @@ import torch
 from lmforge.serve.runner import Runner
 
 log = logging.getLogger("lmforge.serve")
+SEED_STRIDE = 0x9E3779B97F4A7C15  # sequence i of a request with seed s draws from seed s + i * this
 IDLE_RELEASE_S = 30.0  # the KV cache is freed after this long without work; reallocating costs ~0.3 s
 
 
@@ -67,10 +69,15 @@ class Event:
 
 @dataclass
 class Request:
-    """A prompt (token ids) and its parameters; events go to `sink`, called from the engine thread."""
+    """A prompt (token ids) and its parameters; events go to `sink`.
+
+    Without `loop`, the engine thread calls `sink`; with an asyncio `loop`, `sink` runs in that loop's
+    thread, and the engine wakes each loop once per step with all of its events (not once per token).
+    """
     prompt_ids: list[int]
     params: SamplingParams
     sink: Callable[[Event], None]
+    loop: asyncio.AbstractEventLoop | None = None
     timeout: float | None = None
     cancelled: bool = False
     arrival: float = field(default_factory=time.monotonic)
@@ -115,6 +122,11 @@ class _Seq:
     pending_prompt_logprobs: list | None = None
 
 
+def _deliver(batch: list) -> None:
+    for sink, ev in batch:
+        sink(ev)
+
+
 def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     if k <= 0:
         return []
@@ -129,13 +141,16 @@ class Engine:
                  max_model_len: int | None = None, max_prefill_tokens: int = 1024, threads: int | None = None,
                  metrics=None):
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(max_model_len or limit, limit)
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
+        self.max_model_len = max_model_len or limit
         self.runner = Runner(model, max_slots=max_batch, max_len=self.max_model_len)
         self.tok, self.eos_ids = tokenizer, set(eos_ids)
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.threads, self.metrics = threads, metrics
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[_Seq] = []  # running[i] lives in KV slot i
+        self.outbox: list[tuple[Request, Event]] = []  # this step's events, handed over by _flush
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -185,10 +200,23 @@ class Engine:
             except Exception:  # a bug must not kill the engine: fail the requests in flight, keep serving
                 log.exception("engine step failed; aborting the running requests")
                 for s in self.running:
-                    s.req.sink(Event(s.index, "", [], [], "abort"))
+                    self.outbox.append((s.req, Event(s.index, "", [], [], "abort")))
                 self.running.clear()
                 self.runner.release()
                 self._gauges()
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's events over: directly, or one wake-up per event loop."""
+        items, self.outbox = self.outbox, []
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for req, ev in items:
+            if req.loop is None:
+                req.sink(ev)
+            else:
+                batches.setdefault(req.loop, []).append((req.sink, ev))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -231,7 +259,7 @@ class Engine:
                 if req.cancelled or expired:
                     self.waiting.popleft()
                     if expired:
-                        req.sink(Event(0, "", [], [], "timeout"))
+                        self.outbox.append((req, Event(0, "", [], [], "timeout")))
                         if self.metrics is not None:
                             self.metrics.finished("timeout", time.monotonic() - req.arrival)
                     continue
@@ -248,13 +276,13 @@ class Engine:
         """The n sequences of a just-prefilled request, appended to the batch; copies 2..n get the prompt's KV."""
         p = req.params
         prompt_lp = self._prompt_logprobs(req, logits) if p.prompt_logprobs is not None else None
-        generator = None
-        if p.seed is not None:
-            generator = torch.Generator(device=self.runner.device).manual_seed(p.seed)
         seqs = []
         for i in range(p.n):
             if i:
                 self.runner.move(slot, slot + i, len(req.prompt_ids))
+            generator = None
+            if p.seed is not None:  # one generator per sequence: its draws do not depend on the other traffic
+                generator = torch.Generator(device=self.runner.device).manual_seed((p.seed + i * SEED_STRIDE) % 2**64)
             s = _Seq(req=req, index=i, detok=_Detokenizer(self.tok, req.prompt_ids), generator=generator,
                      cached=len(req.prompt_ids), pending_prompt_logprobs=prompt_lp)
             if p.presence_penalty or p.frequency_penalty:
@@ -378,7 +406,7 @@ class Engine:
         end = len(s.text) if finish is not None else max(s.sent, len(s.text) - held)
         text, s.sent = s.text[s.sent:end], end
         prompt_lp, s.pending_prompt_logprobs = s.pending_prompt_logprobs, None
-        s.req.sink(Event(s.index, text, token_ids, lps, finish, prompt_lp))
+        self.outbox.append((s.req, Event(s.index, text, token_ids, lps, finish, prompt_lp)))
 
     def _finish(self, s: _Seq, reason: str) -> None:
         """End a sequence that produces no token this step (cancelled, timed out, echo-only)."""
