@@ -456,3 +456,21 @@ def test_serves_a_lora_adapter_merged_on_its_base(tiny, hf, tmp_path):
         stop_server(proc)
     assert r["choices"][0]["text"] == tok.decode(greedy_reference(merged, ids, 10), skip_special_tokens=True)
     assert r["model"] == str(tmp_path / "adapter")
+
+
+def test_an_engine_failure_aborts_the_requests_in_flight_and_keeps_serving(hf):
+    model, tok = hf
+    engine = Engine(model, tok, [])
+    real, calls = engine.runner.forward, []
+
+    def fail_once(*a):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(*a)
+
+    engine.runner.forward = fail_once
+    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    [first, second] = run_engine(engine, [(tok("a").input_ids, p)]) + run_engine(engine, [(tok("b").input_ids, p)])
+    assert [e.finish_reason for e in first] == ["abort"]
+    assert second[-1].finish_reason == "length" and sum(len(e.token_ids) for e in second) == 3

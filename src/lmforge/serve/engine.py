@@ -151,6 +151,7 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[_Seq] = []  # running[i] lives in KV slot i
         self.outbox: list[tuple[Request, Event]] = []  # this step's events, handed over by _flush
+        self.admitting: list[Request] = []  # the requests this step admits
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -168,6 +169,7 @@ class Engine:
             self.lock.notify()
 
     def start(self) -> None:
+        self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self.thread.start()
 
@@ -201,6 +203,8 @@ class Engine:
                 log.exception("engine step failed; aborting the running requests")
                 for s in self.running:
                     self.outbox.append((s.req, Event(s.index, "", [], [], "abort")))
+                for req in self.admitting:  # popped from the queue, maybe not running yet: they must hear too
+                    self.outbox.append((req, Event(0, "", [], [], "abort")))
                 self.running.clear()
                 self.runner.release()
                 self._gauges()
@@ -227,7 +231,7 @@ class Engine:
                 self._finish(s, "abort")
             elif s.req.timeout is not None and now - s.req.arrival > s.req.timeout:
                 self._finish(s, "timeout")
-        admitted = self._admit()
+        admitted = self.admitting = self._admit()
         if not self.running and not admitted:
             return
         prefills, slot = [], len(self.running)
