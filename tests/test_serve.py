@@ -380,9 +380,10 @@ def test_vllm_backend_command_and_missing_package(tiny):
     from lmforge.serve.server import ServeConfig, vllm_command
 
     cfg = ServeConfig(model=str(tiny), port=9000, max_batch=64, max_model_len=4096, api_key=["k1"])
-    cmd = vllm_command(cfg, str(tiny))
+    cmd, env = vllm_command(cfg, str(tiny))
     assert cmd[:3] == ["vllm", "serve", str(tiny)] and cmd[cmd.index("--max-num-seqs") + 1] == "64"
-    assert cmd[cmd.index("--api-key") + 1] == "k1" and cmd[cmd.index("--served-model-name") + 1] == str(tiny)
+    assert cmd[cmd.index("--max-model-len") + 1] == "4096" and cmd[cmd.index("--served-model-name") + 1] == str(tiny)
+    assert env == {"VLLM_API_KEY": "k1"} and "k1" not in cmd
     import shutil
     if shutil.which("vllm") is None:
         p = run_cli("serve", str(tiny), "--backend", "vllm", check=False, timeout=60)

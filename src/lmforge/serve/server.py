@@ -18,7 +18,6 @@ from pydantic import Field
 
 from lmforge.config import Strict
 
-log = logging.getLogger("lmforge.serve")
 
 
 class ServeConfig(Strict):
@@ -40,17 +39,19 @@ class ServeConfig(Strict):
     backend: Literal["lmforge", "vllm"] = "lmforge"
 
 
-def vllm_command(cfg: ServeConfig, model_dir: str) -> list[str]:
-    """The `vllm serve` command line with the same meaning as our flags."""
+def vllm_command(cfg: ServeConfig, model_dir: str) -> tuple[list[str], dict]:
+    """The `vllm serve` command line and extra environment with the same meaning as our flags.
+
+    The API key goes through vLLM's VLLM_API_KEY variable, not argv, where `ps` would show it."""
+    if len(cfg.api_key) > 1:
+        raise ValueError("--backend vllm takes one --api-key")
     cmd = ["vllm", "serve", model_dir, "--host", cfg.host, "--port", str(cfg.port),
            "--max-num-seqs", str(cfg.max_batch), "--served-model-name", *(cfg.served_model_name or [cfg.model])]
     if cfg.max_model_len:
         cmd += ["--max-model-len", str(cfg.max_model_len)]
     if cfg.dtype != "auto":
         cmd += ["--dtype", cfg.dtype]
-    for key in cfg.api_key:
-        cmd += ["--api-key", key]
-    return cmd
+    return cmd, ({"VLLM_API_KEY": cfg.api_key[0]} if cfg.api_key else {})
 
 
 def _exec_vllm(cfg: ServeConfig) -> int:
@@ -59,9 +60,9 @@ def _exec_vllm(cfg: ServeConfig) -> int:
     exe = shutil.which("vllm")
     if exe is None:
         raise ValueError("--backend vllm needs the vllm package (pip install vllm, on a machine with a GPU)")
-    cmd = vllm_command(cfg, str(hf_dir(cfg.model)))
-    print("exec: " + " ".join("***" if i and cmd[i - 1] == "--api-key" else a for i, a in enumerate(cmd)), flush=True)
-    os.execv(exe, cmd)
+    cmd, env = vllm_command(cfg, str(hf_dir(cfg.model)))  # an adapter is refused here: merge it with export first
+    print("exec: " + " ".join(cmd), flush=True)
+    os.execve(exe, cmd, {**os.environ, **env})
     return 0  # not reached
 
 
