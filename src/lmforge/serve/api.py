@@ -89,7 +89,7 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        status = {"code": 500}
+        status = {"code": 499}  # nginx's "client closed request": it went away before any answer started
 
         async def send_and_count(message):
             if message["type"] == "http.response.start":
@@ -98,6 +98,9 @@ class Gate:
 
         try:
             await self._handle(scope, receive, send_and_count, path)
+        except Exception:  # answered 500 by Starlette's outermost error middleware
+            status["code"] = 500
+            raise
         finally:
             handler = path if path in ROUTES else "other"
             self.state.metrics.http.labels(handler=handler, method=scope["method"], status=str(status["code"])).inc()
