@@ -259,6 +259,30 @@ def cmd_serve(args) -> int:
     return serve(load_serve_config(args.config, flags))
 
 
+def cmd_eval_perplexity(args) -> int:
+    import torch
+
+    from lmforge.eval.perplexity import read_documents, result_dict, score
+    from lmforge.model.load import load_model, load_tokenizer
+    from lmforge.train.distributed import pick_device
+
+    docs = read_documents(args.data)
+    device = pick_device(args.device)
+    model = load_model(args.model, dtype=torch.float32, device=device, merge_adapter=True).eval()
+    max_length = args.max_length or getattr(model.config, "max_position_embeddings", 2048)
+    r = score(model, load_tokenizer(args.model), docs, max_length, args.stride, args.batch_size)
+    print(f"{r.documents} documents, {r.tokens:,} tokens, {r.words:,} words, {r.bytes:,} bytes "
+          f"(max length {max_length}, stride {args.stride or max_length})")
+    for key in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        print(f"{key:<18} {getattr(r, key):.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": str(args.model), "data": str(args.data),
+                                              "max_length": max_length, "stride": args.stride or max_length,
+                                              **result_dict(r)}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -419,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     s.add_argument("--backend", choices=["lmforge", "vllm"], help="vllm: run vLLM's server with these flags")
     s.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="ecommand", required=True, metavar="SUB")
+    pp = ev.add_parser("perplexity", help="rolling-window perplexity as lm-eval's loglikelihood_rolling scores it",
+                       description="Token, word and byte perplexity and bits per byte of MODEL on documents "
+                                   "(lm-eval's definitions and windows).")
+    pp.add_argument("model", help="model spec (alias, .gguf, HF directory, run, adapter)")
+    pp.add_argument("--data", required=True, help=".txt (one document), .jsonl (`text` per line) or .json list")
+    pp.add_argument("--max-length", type=int, help="tokens per window (default: the model's positions)")
+    pp.add_argument("--stride", type=int, help="tokens each window predicts (default --max-length, as lm-eval)")
+    pp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    pp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pp.add_argument("--out", help="write the numbers to this JSON file")
+    pp.set_defaults(func=cmd_eval_perplexity)
 
     d = sub.add_parser("data", help="data pipeline: crawl, extract, filter, dedup, PII, and whole runs")
     dsub = d.add_subparsers(dest="dcommand", required=True, metavar="SUB", parser_class=Parser)

@@ -1,0 +1,114 @@
+"""`lmforge eval perplexity`: rolling-window perplexity scored the way lm-eval's `loglikelihood_rolling` does.
+
+Each document is tokenized without special tokens and cut into windows of at most `max_length`
+tokens: the first is predicted from a prefix token (BOS, else EOS: lm-eval's `prefix_token_id`),
+each later one from the tokens before it, and every token is predicted exactly once
+(`get_rolling_token_windows` + `make_disjoint_window` in lm_eval/utils.py). `stride` is how many
+tokens each window predicts; the default, `max_length`, is lm-eval's `context_len=1`, and a smaller
+stride gives every prediction more left context. Word perplexity, byte perplexity and bits per byte
+use lm-eval's definitions: words = len(re.split(r"\\s+", doc)), bytes = len(doc.encode("utf-8")).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class PerplexityResult:
+    documents: int
+    tokens: int
+    words: int
+    bytes: int
+    loglikelihood: float
+    token_perplexity: float
+    word_perplexity: float
+    byte_perplexity: float
+    bits_per_byte: float
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs that predict every token once, each input at most max_length tokens."""
+    if not tokens:
+        return []
+    windows = [([prefix], tokens[: min(max_length, len(tokens))])]
+    done = len(windows[0][1])
+    while done < len(tokens):
+        n = min(len(tokens) - done, stride)
+        end = done + n
+        context = tokens[max(0, end - max_length - 1): end - 1]
+        windows.append((context[: len(context) - (n - 1)], tokens[end - n: end]))
+        done = end
+    return windows
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents from a .txt file (the whole file is one document), .jsonl (`text` per line) or .json (a list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{i}: expected an object with a string `text`")
+                docs.append(record["text"])
+        return docs
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of strings or of objects with `text`")
+        return [d if isinstance(d, str) else d["text"] for d in data]
+    raise ValueError(f"--data {path}: use .txt, .jsonl (a `text` field per line) or .json")
+
+
+def score(model, tokenizer, documents: list[str], max_length: int, stride: int | None = None,
+          batch_size: int = 8) -> PerplexityResult:
+    """Sum every document's token log-likelihood over its rolling windows, batched across windows."""
+    import torch
+
+    stride = stride or max_length
+    if max_length < 1:
+        raise ValueError(f"--max-length must be at least 1, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    windows = [w for doc in documents
+               for w in rolling_windows(tokenizer(doc, add_special_tokens=False).input_ids, prefix, max_length, stride)]
+    device = next(model.parameters()).device
+    total = 0.0
+    windows.sort(key=lambda w: -(len(w[0]) + len(w[1])))  # similar lengths together: less padding
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i: i + batch_size]
+            inputs = [(c + t)[:-1] for c, t in batch]
+            width = max(map(len, inputs))
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for r, x in enumerate(inputs):
+                ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
+            logprobs = torch.log_softmax(model(ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+            for r, (c, t) in enumerate(batch):
+                start = len(inputs[r]) - len(t)  # the positions that predict the continuation
+                target = torch.tensor(t, device=device)
+                total += logprobs[r, start: start + len(t)].gather(1, target[:, None]).sum().item()
+    n_tokens = sum(len(t) for _, t in windows)
+    if not n_tokens:
+        raise ValueError("the documents hold no tokens to score")
+    words = sum(len(re.split(r"\s+", d)) for d in documents)
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    return PerplexityResult(
+        documents=len(documents), tokens=n_tokens, words=words, bytes=n_bytes, loglikelihood=total,
+        token_perplexity=math.exp(-total / n_tokens), word_perplexity=math.exp(-total / words),
+        byte_perplexity=math.exp(-total / n_bytes), bits_per_byte=-total / n_bytes / math.log(2))
+
+
+def result_dict(r: PerplexityResult) -> dict:
+    return asdict(r)
