@@ -262,7 +262,9 @@ def cmd_serve(args) -> int:
 def cmd_eval_perplexity(args) -> int:
     import torch
 
-    from lmforge.eval.perplexity import read_documents, result_dict, score
+    from dataclasses import asdict
+
+    from lmforge.eval.perplexity import read_documents, score
     from lmforge.model.load import load_model, load_tokenizer
     from lmforge.train.distributed import pick_device
 
@@ -278,7 +280,7 @@ def cmd_eval_perplexity(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"model": str(args.model), "data": str(args.data),
                                               "max_length": max_length, "stride": args.stride or max_length,
-                                              **result_dict(r)}, indent=2) + "\n")
+                                              **asdict(r)}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -109,6 +109,3 @@ def score(model, tokenizer, documents: list[str], max_length: int, stride: int |
         token_perplexity=math.exp(-total / n_tokens), word_perplexity=math.exp(-total / words),
         byte_perplexity=math.exp(-total / n_bytes), bits_per_byte=-total / n_bytes / math.log(2))
 
-
-def result_dict(r: PerplexityResult) -> dict:
-    return asdict(r)

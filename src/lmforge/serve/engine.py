@@ -428,8 +428,3 @@ class Engine:
         s.req.live -= 1
         if self.metrics is not None and s.req.live == 0:
             self.metrics.finished(reason, time.monotonic() - s.req.arrival)
-
-    def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "kv_tokens": self.runner.cap,
-                "max_model_len": self.max_model_len}
-

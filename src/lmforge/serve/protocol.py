@@ -7,20 +7,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from lmforge.config import Strict
 
 I64 = 2**63 - 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -65,12 +63,12 @@ class CompletionRequest(_Sampling):
         return v
 
 
-class ContentPart(_Strict):
+class ContentPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, max_length=256)
@@ -85,14 +83,14 @@ class ChatRequest(_Sampling):
     add_generation_prompt: bool = True
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(Strict):
     """The guide's minimal endpoint: POST /generate {prompt, max_tokens, temperature}."""
     prompt: str = Field(min_length=1)
     max_tokens: int = Field(100, ge=1, le=I64)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -100,6 +98,6 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int] = Field(max_length=1_000_000)

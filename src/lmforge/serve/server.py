@@ -73,7 +73,6 @@ def _load(cfg: ServeConfig, state, server) -> None:
     from lmforge.generate import eos_ids
     from lmforge.model.load import load_model, load_tokenizer
     from lmforge.serve.engine import Engine
-    from lmforge.serve.runner import check_supported
     from lmforge.train.distributed import pick_device
 
     try:
@@ -82,7 +81,6 @@ def _load(cfg: ServeConfig, state, server) -> None:
             cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         tok = load_tokenizer(cfg.model)
         model = load_model(cfg.model, dtype=dtype, device=device, merge_adapter=True).eval()
-        check_supported(model.config)
         engine = Engine(model, tok, eos_ids(model, tok), max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                         max_model_len=cfg.max_model_len, max_prefill_tokens=cfg.max_prefill_tokens,
                         threads=cfg.threads, metrics=state.metrics)
