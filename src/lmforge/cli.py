@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 CONFIG_HELP = ("CONFIG.yaml is optional; any key can be set or overridden as key.path=value "
@@ -259,6 +260,59 @@ def cmd_serve(args) -> int:
     return serve(load_serve_config(args.config, flags))
 
 
+def cmd_eval_tasks(args) -> int:
+    from lmforge.eval import harness
+    from lmforge.eval.tasks import TaskError
+
+    specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not specs:
+        raise CliError("--tasks: give at least one task name or task YAML")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise CliError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise CliError(f"--data-dir {args.data_dir}: no such directory")
+    t0 = time.perf_counter()
+    try:
+        if args.bridge == "lm-eval":
+            from lmforge.eval.bridge import evaluate_with_lm_eval
+
+            results = evaluate_with_lm_eval(args.model, specs, limit=args.limit, num_fewshot=args.num_fewshot,
+                                            device=args.device, max_length=args.max_length)
+        else:
+            from lmforge.eval.lm import EvalModel
+
+            model = EvalModel.load(args.model, device=args.device, max_length=args.max_length,
+                                   batch_tokens=args.batch_tokens)
+            try:
+                results = harness.evaluate(model, specs, limit=args.limit, num_fewshot=args.num_fewshot,
+                                           data_dir=Path(args.data_dir) if args.data_dir else None)
+            finally:
+                model.close()
+    except TaskError as e:
+        raise CliError(str(e)) from None
+    seconds = time.perf_counter() - t0
+    print(harness.table(results))
+    print(f"{args.model}: {len(results)} task(s) in {seconds:.1f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "model": str(args.model), "results": results,
+            "config": {"tasks": specs, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                       "bridge": args.bridge, "max_length": args.max_length}, "seconds": round(seconds, 2)},
+            indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval_compare(args) -> int:
+    from lmforge.eval import harness
+
+    rows = harness.compare(harness.read_results(args.run_a), harness.read_results(args.run_b))
+    if not rows:
+        raise CliError(f"{args.run_a} and {args.run_b} share no task metric to compare")
+    print(harness.compare_table(rows, args.run_a, args.run_b))
+    return 0
+
+
 def cmd_eval_perplexity(args) -> int:
     import torch
 
@@ -282,6 +336,34 @@ def cmd_eval_perplexity(args) -> int:
                                               "max_length": max_length, "stride": args.stride or max_length,
                                               **asdict(r)}, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval_human(args) -> int:
+    from lmforge.eval.human.answers import Settings, ensure_answers, read_prompts
+    from lmforge.eval.human.app import Session, serve
+    from lmforge.eval.human.store import Store
+    from lmforge.model.load import resolve
+
+    if len(args.models) < 2:
+        raise CliError(f"--models needs at least 2 models to compare, got {len(args.models)}")
+    if len(set(args.models)) < len(args.models):
+        raise CliError("--models names the same model twice")
+    if args.max_new_tokens < 1:
+        raise CliError("--max-new-tokens must be at least 1")
+    prompts = read_prompts(args.prompts)
+    for m in args.models:
+        resolve(m)  # a missing path or unknown alias fails here, before any model is loaded
+    out = Path(args.out)
+    settings = Settings(args.max_new_tokens, args.temperature, args.seed, args.template)
+    answers, generated, reused = ensure_answers(args.models, prompts, settings, out / "answers.jsonl", args.device)
+    print(f"answers: {generated} generated, {reused} reused ({len(prompts)} prompts x {len(args.models)} models) "
+          f"in {out / 'answers.jsonl'}")
+    store = Store(out / "votes.sqlite", args.models)
+    print(f"votes: {out / 'votes.sqlite'}")
+    print(f"serving http://{args.host}:{args.port}/ (pairwise votes), /rate (1-5 ratings), /results (leaderboard, "
+          f"CSV); Ctrl-C stops", flush=True)
+    serve(Session(store, args.models, prompts, answers, seed=args.seed), args.host, args.port)
     return 0
 
 
@@ -447,6 +529,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="ecommand", required=True, metavar="SUB")
+    et = ev.add_parser("tasks", help="benchmark tasks in lm-eval's YAML format (multiple choice, generate-until, code)",
+                       description="Run lm-eval-format tasks (built-in names or task YAML files) on MODEL and print "
+                                   "acc / acc_norm / exact_match / pass@1 with standard errors.")
+    et.add_argument("model", help="model spec (alias, .gguf, HF directory, run, adapter)")
+    et.add_argument("--tasks", required=True, help="comma-separated built-in names (hellaswag, arc_easy, "
+                                                   "arc_challenge, mmlu, truthfulqa_mc1, gsm8k, humaneval) or task "
+                                                   "YAML paths; with --bridge lm-eval, any lm-eval task")
+    et.add_argument("--limit", type=float, help="first N documents per task (a fraction when below 1)")
+    et.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, else 0)")
+    et.add_argument("--data-dir", help="local data: DIR/<task>/<split>.jsonl replaces the task's hub dataset")
+    et.add_argument("--max-length", type=int, help="context window in tokens (default: the model's positions)")
+    et.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring forward pass (default 8192)")
+    et.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    et.add_argument("--bridge", choices=["lm-eval"], help="run the tasks with lm-eval-harness itself, on the model "
+                                                         "lmforge loaded (needs the `eval` extra)")
+    et.add_argument("--out", help="write the results to this JSON file")
+    et.set_defaults(func=cmd_eval_tasks)
+    ec = ev.add_parser("compare", help="per-metric deltas between two task runs, with their standard errors",
+                       description="Compare two `eval tasks --out` files (or lm-eval results JSONs): B - A, "
+                                   "the standard error of the difference and z.")
+    ec.add_argument("run_a", help="results JSON (or a directory holding one)")
+    ec.add_argument("run_b", help="results JSON (or a directory holding one)")
+    ec.set_defaults(func=cmd_eval_compare)
     pp = ev.add_parser("perplexity", help="rolling-window perplexity as lm-eval's loglikelihood_rolling scores it",
                        description="Token, word and byte perplexity and bits per byte of MODEL on documents "
                                    "(lm-eval's definitions and windows).")
@@ -458,6 +563,27 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pp.add_argument("--out", help="write the numbers to this JSON file")
     pp.set_defaults(func=cmd_eval_perplexity)
+    hu = ev.add_parser("human", help="web page for pairwise votes and 1-5 ratings; Elo and Bradley-Terry leaderboard",
+                       description="Generate each model's answer to every prompt once (cached in OUT/answers.jsonl), "
+                                   "then serve a web page: / shows two anonymous answers to vote on, /rate one "
+                                   "answer to rate 1-5, /results the leaderboard (online Elo, Bradley-Terry with "
+                                   "bootstrap 95%% intervals) and its CSV. Votes go to OUT/votes.sqlite.")
+    hu.add_argument("--models", nargs="+", required=True, metavar="MODEL",
+                    help="two or more model specs (alias, .gguf, HF directory, run, adapter)")
+    hu.add_argument("--prompts", required=True, help=".jsonl (`prompt`, or `instruction` + `input`, per line), "
+                                                     ".json list (e.g. Alpaca's) or .txt (one prompt per line)")
+    hu.add_argument("--out", default="eval-human", help="directory for answers.jsonl and votes.sqlite "
+                                                        "(default eval-human)")
+    hu.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    hu.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    hu.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    hu.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    hu.add_argument("--template", choices=["chat", "alpaca", "none"], default="chat",
+                    help="prompt format: chat = one user turn in the model's chat template (default); alpaca = "
+                         "### Instruction / ### Response; none = the prompt as plain text")
+    hu.add_argument("--seed", type=int, default=0, help="seeds sampling (with --temperature) and which pairs are shown")
+    hu.add_argument("--device", default="auto", help="auto, cpu or cuda (for generating the answers)")
+    hu.set_defaults(func=cmd_eval_human)
 
     d = sub.add_parser("data", help="data pipeline: crawl, extract, filter, dedup, PII, and whole runs")
     dsub = d.add_subparsers(dest="dcommand", required=True, metavar="SUB", parser_class=Parser)

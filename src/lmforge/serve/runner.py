@@ -165,6 +165,27 @@ class Runner:
         return x + self.linear(F.silu(gate) * up, layer.down)
 
     @torch.inference_mode()
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden) of whole rows, without the cache (scoring, not generation).
+
+        `positions` (B, T) are each token's RoPE position; `mask` (B, 1, T, T), True where a token may attend,
+        lets one row hold a context and several continuations that each see only the context and themselves
+        (lm-eval scores them as separate rows). Without a mask, attention is causal (right padding is harmless).
+        """
+        x = self.embed[ids]
+        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        gqa = self.n_heads != self.n_kv
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, x, cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            x = self._mlp_out(layer, x, y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self._rms(x, self.norm)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden states from `hidden`."""
+        return self.linear(h, self.head).float()
+
+    @torch.inference_mode()
     def forward(self, decode: list[tuple[int, int]], prefills: list[tuple[int, list[int], bool]]):
         """One pass over the weights for a mixed batch; returns (decode logits (B, vocab), [prefill logits]).
 

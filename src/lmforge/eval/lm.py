@@ -1,0 +1,243 @@
+"""The evaluated model: log-likelihoods of continuations and greedy generation, tokenized as lm-eval's `hf` does.
+
+Scores equal lm-eval's (tests/test_eval_tasks.py) but cost less. A multiple-choice question's context
+runs once for all its choices: one row holds the context and every choice, and an attention mask lets
+each choice see only the context and itself (lm-eval runs one row per choice). Only the positions that
+predict a continuation token go through the output head. Llama, Mistral and Qwen2 layouts run on the
+serving runner (fused, prepacked weights); other models run through transformers, one row per request.
+Generation uses the serving engine (continuous batching, stop strings).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+HEAD_ROWS = 1024  # positions per output-head chunk: bounds the (rows, vocab) logits in memory
+
+
+@dataclass
+class _Group:
+    """One row: a context and the continuations scored after it (indices into the request list)."""
+    context: list[int]
+    items: list[tuple[int, list[int]]]
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(c) - 1 for _, c in self.items)
+
+
+class EvalModel:
+    """A loaded model and tokenizer with lm-eval's request semantics; `load` builds one from a model spec."""
+
+    def __init__(self, model, tokenizer, max_length: int | None = None, batch_tokens: int = 8192):
+        from lmforge.serve.runner import check_supported
+
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.batch_tokens = batch_tokens
+        try:
+            check_supported(model.config)
+            self.fast = True
+        except ValueError:
+            self.fast = False
+        self._runner = None
+        self._engine = None
+        self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int = 8192):
+        from lmforge.model.load import load_model, load_tokenizer
+        from lmforge.train.distributed import pick_device
+
+        model = load_model(spec, dtype=torch.float32, device=pick_device(device), merge_adapter=True).eval()
+        return cls(model, load_tokenizer(spec), max_length, batch_tokens)
+
+    # ---- tokenization (lm-eval's TemplateLM) -------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """The tokenizer's default special tokens, unless the text already starts with BOS (lm-eval's tok_encode)."""
+        bos = self.tok.bos_token
+        if bos and text.startswith(bos):
+            return self.tok.encode(text, add_special_tokens=False)
+        return self.tok.encode(text)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids: trailing context spaces move to the continuation, and the continuation is
+        the tail of the whole string's tokens (so a merge across the boundary is tokenized as in the text)."""
+        if not context:
+            cont = self.tok.encode(continuation, add_special_tokens=False)
+            return ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---- log-likelihood ----------------------------------------------------------------------
+    def loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of the continuation's log-probabilities, whether greedy decoding would produce it) per request.
+
+        Like lm-eval, an input longer than max_length keeps its last max_length tokens."""
+        groups: dict[tuple[int, ...], _Group] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError(f"request {i}: the continuation is empty")
+            if len(cont) > self.max_length:
+                raise ValueError(f"request {i}: a {len(cont)}-token continuation is longer than the "
+                                 f"{self.max_length}-token window")
+            full = (ctx + cont)[-(self.max_length + 1):]
+            key = tuple(full[: len(full) - len(cont)])
+            groups.setdefault(key, _Group(list(key), [])).items.append((i, cont))
+        rows = list(groups.values()) if self.fast else [_Group(g.context, [it]) for g in groups.values()
+                                                         for it in g.items]
+        rows.sort(key=lambda g: -g.length)  # similar lengths share a batch: little padding
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        with torch.inference_mode():
+            start = 0
+            while start < len(rows):
+                end = start + 1
+                while end < len(rows) and (end - start + 1) * rows[start].length <= self.batch_tokens:
+                    end += 1
+                for i, result in self._score(rows[start:end]):
+                    out[i] = result
+                start = end
+        return out
+
+    def _score(self, rows: list[_Group]):
+        """(request index, (loglikelihood, is_greedy)) for every continuation in a batch of rows."""
+        width = rows[0].length
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        pos = torch.zeros(len(rows), width, dtype=torch.long)
+        shared = any(len(g.items) > 1 for g in rows)
+        mask = torch.zeros(len(rows), 1, width, width, dtype=torch.bool) if shared else None
+        picks, targets, spans = [], [], []  # flat (row, position) that predicts each target token
+        for r, g in enumerate(rows):
+            n = len(g.context)
+            ids[r, :n] = torch.tensor(g.context)
+            pos[r, :n] = torch.arange(n)
+            if mask is not None:
+                mask[r, 0, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            at = n
+            for i, cont in g.items:
+                body = cont[:-1]  # the last token is predicted, never fed
+                ids[r, at: at + len(body)] = torch.tensor(body, dtype=torch.long)
+                pos[r, at: at + len(body)] = torch.arange(n, n + len(body))
+                if mask is not None:
+                    mask[r, 0, at: at + len(body), :n] = True
+                    mask[r, 0, at: at + len(body), at: at + len(body)] = torch.ones(len(body), len(body),
+                                                                                 dtype=torch.bool).tril()
+                first = len(picks)
+                picks += [(r, n - 1)] + [(r, p) for p in range(at, at + len(body))]
+                targets += cont
+                spans.append((i, first, len(picks)))
+                at += len(body)
+        if mask is not None:  # padding rows attend to themselves only, so softmax never sees an all-False row
+            pad = ~mask.any(-1, keepdim=True)
+            mask |= pad & torch.eye(width, dtype=torch.bool)
+        lengths = [g.length for g in rows]
+        h = self._hidden(ids.to(self.device), pos.to(self.device), None if mask is None else mask.to(self.device),
+                         lengths)
+        rr = torch.tensor([p[0] for p in picks], device=self.device)
+        cc = torch.tensor([p[1] for p in picks], device=self.device)
+        tgt = torch.tensor(targets, device=self.device)
+        lps, greedy = [], []
+        for a in range(0, len(picks), HEAD_ROWS):
+            logits = self._logits(h[rr[a: a + HEAD_ROWS], cc[a: a + HEAD_ROWS]])
+            t = tgt[a: a + HEAD_ROWS]
+            lps.append(logits.gather(1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+            greedy.append(logits.argmax(-1) == t)
+        lp, gr = torch.cat(lps).tolist(), torch.cat(greedy).tolist()
+        for i, a, b in spans:
+            yield i, (float(sum(lp[a:b])), all(gr[a:b]))
+
+    def _hidden(self, ids, pos, mask, lengths):
+        if self.fast:
+            if self._runner is None:
+                from lmforge.serve.runner import Runner
+                self._runner = Runner(self.model, max_slots=1, max_len=self.max_length)
+            return self._runner.hidden(ids, pos, mask)
+        attention = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+        out = self.model.base_model(input_ids=ids, attention_mask=attention.to(self.device), position_ids=pos)
+        return out.last_hidden_state
+
+    def _logits(self, h):
+        if self.fast:
+            return self._runner.logits(h)
+        return self.model.get_output_embeddings()(h).float()
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate_until(self, contexts: list[str], until: list[str], max_gen_toks: int = 256) -> list[str]:
+        """Greedy continuations of each context, cut before the first stop string or EOS (lm-eval's generate_until).
+
+        The context keeps its last max_length - max_gen_toks tokens, as lm-eval's `hf` model does."""
+        if max_gen_toks >= self.max_length:
+            raise ValueError(f"max_gen_toks {max_gen_toks} must be less than the {self.max_length}-token window")
+        keep = self.max_length - max_gen_toks
+        prompts = [self.encode(c)[-keep:] for c in contexts]
+        if not self.fast:
+            return [self._hf_generate(p, until, max_gen_toks) for p in prompts]
+        from lmforge.serve.engine import Request, SamplingParams
+
+        engine = self._generation_engine(max(map(len, prompts), default=1))
+        texts: list[list[str]] = [[] for _ in prompts]
+        left = [len(prompts)]
+        done = threading.Event()
+
+        def sink_for(i):
+            def sink(ev):
+                texts[i].append(ev.text)
+                if ev.finish_reason is not None:
+                    if ev.finish_reason not in ("stop", "length"):
+                        texts[i].append(f"\0{ev.finish_reason}")
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+            return sink
+
+        params = SamplingParams(max_tokens=max_gen_toks, temperature=0.0, stop=[u for u in until if u])
+        if not prompts:
+            return []
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, params, sink_for(i)))
+        done.wait()
+        out = ["".join(t) for t in texts]
+        failed = [i for i, t in enumerate(out) if "\0" in t]
+        if failed:
+            raise RuntimeError(f"generation failed for {len(failed)} of {len(out)} prompts (first: #{failed[0]})")
+        return out
+
+    def _generation_engine(self, longest_prompt: int):
+        from lmforge.generate import eos_ids
+        from lmforge.serve.engine import Engine
+
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tok, eos_ids(self.model, self.tok), max_batch=32,
+                                  max_queue=1 << 30, max_model_len=self.max_length,
+                                  max_prefill_tokens=max(4096, longest_prompt))
+            self._engine.start()
+        self._engine.max_prefill_tokens = max(self._engine.max_prefill_tokens, longest_prompt)
+        return self._engine
+
+    def _hf_generate(self, prompt: list[int], until: list[str], max_gen_toks: int) -> str:
+        from lmforge.generate import eos_ids
+
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_gen_toks,
+                                  do_sample=False, eos_token_id=eos_ids(self.model, self.tok),
+                                  pad_token_id=self.prefix_token_id, stop_strings=[u for u in until if u] or None,
+                                  tokenizer=self.tok)
+        text = self.tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+        for u in until:
+            if u:
+                text = text.split(u)[0]
+        return text
+
+    def close(self) -> None:
+        """Stop the generation engine thread, if one started."""
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
+

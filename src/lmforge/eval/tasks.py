@@ -1,0 +1,468 @@
+"""Benchmark tasks in lm-eval's YAML format: loading, prompts, requests and metrics, the way lm-eval computes them.
+
+A task file written for lm-evaluation-harness (`dataset_path`, `dataset_kwargs.data_files`,
+`doc_to_text`, `doc_to_choice`, `doc_to_target`, `target_delimiter`, `fewshot_config`,
+`generation_kwargs`, `filter_list`, `metric_list`, `!function module.fn`, `include`) runs here
+unchanged and gives lm-eval's numbers: the same Jinja rendering, few-shot sampling (seed 1234),
+delimiters, tokenization of context/continuation pairs, acc / acc_norm / exact_match definitions
+and standard errors (tests/test_eval_tasks.py checks them against `lm_eval --model hf`).
+Built-in definitions live in `builtin/` (HellaSwag, ARC, MMLU, TruthfulQA MC1, GSM8K, HumanEval).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import random
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
+OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
+DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"],
+                   "loglikelihood": ["perplexity", "acc"],
+                   "loglikelihood_rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"]}
+SUPPORTED_METRICS = {"multiple_choice": {"acc", "acc_norm", "acc_bytes", "exact_match", "acc_mutual_info"},
+                     "loglikelihood": {"perplexity", "acc"},
+                     "loglikelihood_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+                     "generate_until": {"exact_match"}}
+# Keys that only label a task or feed lm-eval features we do not need (decontamination); accepted as-is.
+INERT_KEYS = {"task_alias", "tag", "group", "metadata", "should_decontaminate", "doc_to_decontamination_query",
+              "unsafe_code", "dataset_name"}
+KEYS = {"task", "dataset_path", "dataset_kwargs", "training_split", "validation_split", "test_split",
+        "fewshot_split", "process_docs", "doc_to_text", "doc_to_target", "doc_to_choice", "process_results",
+        "description", "target_delimiter", "fewshot_delimiter", "fewshot_config", "num_fewshot", "metric_list",
+        "output_type", "generation_kwargs", "repeats", "filter_list", "gen_prefix"} | INERT_KEYS
+
+
+class TaskError(ValueError):
+    """A task definition or its data cannot be used; the message names the task and the problem."""
+
+
+# ---- YAML ------------------------------------------------------------------------------------
+def _import_function(ref: str, base: Path) -> Callable:
+    """lm-eval's `!function utils.fn`: fn from utils.py beside the YAML file."""
+    module_name, _, fn = ref.rpartition(".")
+    path = base / (module_name.replace(".", "/") + ".py")
+    if not module_name or not path.is_file():
+        raise TaskError(f"!function {ref}: no file {path}")
+    spec = importlib.util.spec_from_file_location(f"lmforge_task_{abs(hash(path))}_{module_name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, fn):
+        raise TaskError(f"!function {ref}: {path} has no {fn}")
+    return getattr(module, fn)
+
+
+def read_task_yaml(path: Path) -> dict:
+    """A task YAML as a dict: `!function` tags resolved beside the file, `include` merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: no such task file")
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function",
+                           lambda loader, node: _import_function(loader.construct_scalar(node), path.parent))
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise TaskError(f"{path}: a task file must be a mapping")
+    if "include" in cfg:
+        base = read_task_yaml(path.parent / cfg.pop("include"))
+        cfg = {**base, **cfg}
+    return cfg
+
+
+# ---- the task ----------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One task's configuration (lm-eval's TaskConfig fields) and where it came from."""
+    name: str
+    source: Path
+    cfg: dict
+    docs: list[dict] = field(default_factory=list)
+    fewshot_pool: list[dict] | None = None
+
+    def get(self, key: str, default=None):
+        value = self.cfg.get(key)
+        return default if value is None else value
+
+    @property
+    def output_type(self) -> str:
+        return self.get("output_type", "generate_until")
+
+    @property
+    def fewshot_cfg(self) -> dict:
+        """fewshot_config with lm-eval's inheritance from the task's own fields."""
+        inherit = {"split": self.cfg.get("fewshot_split"), "process_docs": self.cfg.get("process_docs"),
+                   "fewshot_delimiter": self.get("fewshot_delimiter", "\n\n"),
+                   "target_delimiter": self.get("target_delimiter", " "), "gen_prefix": self.cfg.get("gen_prefix"),
+                   "doc_to_text": self.cfg.get("doc_to_text"), "doc_to_choice": self.cfg.get("doc_to_choice"),
+                   "doc_to_target": self.cfg.get("doc_to_target"), "sampler": "default"}
+        return {**inherit, **(self.cfg.get("fewshot_config") or {})}
+
+    def metrics(self) -> list[dict]:
+        """metric_list entries (`metric` plus its keyword arguments), or the output type's defaults."""
+        entries = self.cfg.get("metric_list") or [{"metric": m} for m in DEFAULT_METRICS[self.output_type]]
+        return [dict(e) for e in entries]
+
+
+def resolve(spec: str) -> Path:
+    """A task name (built-in) or a path to a task YAML."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    builtin = BUILTIN_DIR / f"{spec}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise TaskError(f"unknown task {spec!r}: give a task YAML or one of {', '.join(builtin_names())} "
+                    "(any lm-eval task runs with --bridge lm-eval)")
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_task(spec: str, data_dir: Path | None = None) -> Task:
+    """Read and check a task definition, then load its documents (local files first, the hub when online)."""
+    path = resolve(spec)
+    cfg = read_task_yaml(path)
+    name = str(cfg.get("task") or path.stem)
+    unknown = sorted(set(cfg) - KEYS)
+    if unknown:
+        raise TaskError(f"task {name}: unsupported key(s) {', '.join(unknown)} ({path})")
+    task = Task(name, path, cfg)
+    if task.output_type not in OUTPUT_TYPES:
+        raise TaskError(f"task {name}: output_type {task.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+    for entry in task.metrics():
+        metric = entry.get("metric")
+        if not callable(metric) and metric not in SUPPORTED_METRICS[task.output_type]:
+            raise TaskError(f"task {name}: metric {metric!r} is not supported for {task.output_type} "
+                            f"(supported: {', '.join(sorted(SUPPORTED_METRICS[task.output_type]))}, or !function)")
+        if entry.get("aggregation", "mean") not in ("mean", "perplexity", "weighted_perplexity", "bits_per_byte"):
+            raise TaskError(f"task {name}: aggregation {entry['aggregation']!r} is not supported")
+    if int(task.get("repeats", 1)) != 1:
+        raise TaskError(f"task {name}: repeats > 1 needs sampling, and lmforge evaluates greedily")
+    gen = task.get("generation_kwargs", {})
+    if gen.get("do_sample") or float(gen.get("temperature", 0) or 0) > 0:
+        raise TaskError(f"task {name}: sampling (do_sample/temperature) is not supported; generation is greedy")
+    fs = task.fewshot_cfg
+    if fs.get("sampler", "default") not in ("default", "first_n"):
+        raise TaskError(f"task {name}: fewshot sampler {fs['sampler']!r} is not supported (default, first_n)")
+    _load_docs(task, data_dir)
+    return task
+
+
+def _local_split(name: str, split: str, data_dir: Path | None) -> Path | None:
+    if data_dir is None:
+        return None
+    for ext in (".jsonl", ".json", ".parquet"):
+        p = Path(data_dir) / name / f"{split}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _load_docs(task: Task, data_dir: Path | None) -> None:
+    """task.docs (the evaluation split, after process_docs) and the few-shot pool, as lm-eval picks them."""
+    import datasets
+
+    cfg = task.cfg
+    splits = {s: cfg.get(f"{s}_split") for s in ("training", "validation", "test")}
+    wanted = [x for x in {*splits.values(), task.fewshot_cfg.get("split")} if x]
+    local = {s: _local_split(task.name, s, data_dir) for s in wanted}
+    try:
+        if any(local.values()):
+            eval_split = splits["test"] or splits["validation"]
+            if local.get(eval_split) is None:
+                raise TaskError(f"task {task.name}: {data_dir}/{task.name}/ has no {eval_split}.jsonl (the split "
+                                "it evaluates)")
+            files = {s: str(p) for s, p in local.items() if p is not None}
+            kind = "parquet" if all(p.endswith(".parquet") for p in files.values()) else "json"
+            dataset = datasets.load_dataset(kind, data_files=files)
+        else:
+            kwargs = dict(cfg.get("dataset_kwargs") or {})
+            path = cfg.get("dataset_path")
+            if not path:
+                raise TaskError(f"task {task.name}: no dataset_path")
+            if "data_files" in kwargs:
+                kwargs["data_files"] = _data_files(task, kwargs["data_files"])
+            dataset = datasets.load_dataset(path, cfg.get("dataset_name"), **kwargs)
+    except TaskError:
+        raise
+    except Exception as e:  # the hub offline, a missing file, a malformed JSON line: one line, with the task
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = f"; put the splits in {data_dir or 'DIR'}/{task.name}/<split>.jsonl and pass --data-dir" \
+            if not any(local.values()) and cfg.get("dataset_path") not in ("json", "csv", "parquet", "text") else ""
+        raise TaskError(f"task {task.name}: could not load its data ({type(e).__name__}: {first[:200]}){hint}") \
+            from None
+
+    def split_docs(split: str | None, process=None):
+        if not split:
+            return None
+        if split not in dataset:
+            raise TaskError(f"task {task.name}: the data has no split {split!r} (it has {', '.join(dataset)})")
+        ds = dataset[split]
+        process = process if process is not None else cfg.get("process_docs")
+        return list(process(ds) if process is not None else ds)
+
+    eval_split = splits["test"] or splits["validation"]
+    if not eval_split:
+        raise TaskError(f"task {task.name}: needs a test_split or validation_split")
+    task.docs = split_docs(eval_split)
+    fs = task.fewshot_cfg
+    if fs.get("split"):
+        task.fewshot_pool = split_docs(fs["split"], fs.get("process_docs"))
+    else:
+        task.fewshot_pool = (split_docs(splits["training"]) if splits["training"] else
+                             split_docs(splits["validation"]) if splits["validation"] else task.docs)
+
+
+def _data_files(task: Task, files):
+    """data_files paths resolved as the datasets library does (the working directory), then beside the YAML."""
+    def fix(p: str) -> str:
+        if Path(p).exists() or "://" in p:
+            return p
+        beside = task.source.parent / p
+        if beside.exists():
+            return str(beside)
+        raise TaskError(f"task {task.name}: data file {p} not found (relative paths are from the working "
+                        f"directory, as in lm-eval, or beside {task.source.name})")
+
+    if isinstance(files, str):
+        return fix(files)
+    if isinstance(files, list):
+        return [fix(p) for p in files]
+    return {k: fix(v) if isinstance(v, str) else [fix(p) for p in v] for k, v in files.items()}
+
+
+# ---- document → text (lm-eval's doc_to_* semantics) --------------------------------------------
+def _jinja():
+    from jinja2 import BaseLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = SandboxedEnvironment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
+    env.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
+    return env
+
+
+_ENV = None
+
+
+def render(template: str, doc: dict) -> str:
+    global _ENV
+    if _ENV is None:
+        _ENV = _jinja()
+    return _ENV.from_string(template).render(**doc)
+
+
+def resolve_field(doc: dict, value):
+    if value:
+        return doc[value] if value in doc else render(value, doc)
+    return value
+
+
+def doc_to_text(task: Task, doc: dict, spec=None):
+    spec = task.cfg.get("doc_to_text") if spec is None else spec
+    if isinstance(spec, int) or callable(spec):
+        return spec if isinstance(spec, int) else spec(doc)
+    if isinstance(spec, str):
+        if spec in doc:
+            return doc[spec]
+        text = render(spec, doc)
+        return ast.literal_eval(text) if text.isdigit() and task.cfg.get("doc_to_choice") is not None else text
+    raise TaskError(f"task {task.name}: doc_to_text must be a template, a field or a !function")
+
+
+def doc_to_target(task: Task, doc: dict, spec=None):
+    spec = task.cfg.get("doc_to_target") if spec is None else spec
+    if isinstance(spec, (int, list)):
+        return spec
+    if callable(spec):
+        return spec(doc)
+    if isinstance(spec, str):
+        if spec in doc:
+            return doc[spec]
+        text = render(spec, doc)
+        if text.isdigit() and task.cfg.get("doc_to_choice") is not None:
+            return ast.literal_eval(text)
+        if len(text) >= 2 and text[0] == "[" and text[-1] == "]":
+            try:
+                return ast.literal_eval(text)
+            except (SyntaxError, ValueError):
+                return text
+        return text
+    raise TaskError(f"task {task.name}: doc_to_target must be a template, a field, an index, a list or a !function")
+
+
+def doc_to_choice(task: Task, doc: dict, spec=None) -> list[str]:
+    spec = task.cfg.get("doc_to_choice") if spec is None else spec
+    if isinstance(spec, str):
+        if spec in doc:
+            return doc[spec]
+        try:
+            return ast.literal_eval(render(spec, doc))
+        except (SyntaxError, ValueError):
+            raise TaskError(f"task {task.name}: doc_to_choice {spec!r} does not render to a Python list") from None
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict):
+        return list(spec.values())
+    if callable(spec):
+        return spec(doc)
+    raise TaskError(f"task {task.name}: doc_to_choice must be a template, a field, a list or a !function")
+
+
+def _maybe_delimit(prefix: str | None, suffix: str | None, delimiter: str = " ") -> str:
+    if not prefix:
+        return suffix or ""
+    if not suffix:
+        return prefix
+    return prefix + suffix if prefix[-1].isspace() or suffix[0].isspace() else prefix + delimiter + suffix
+
+
+def _qa_turn(q: str, choices, answer, gen_prefix: str | None, tgt_delim: str, few_delim: str) -> str:
+    """One question and (for a shot) its answer as plain text: lm-eval's build_qa_turn + Message.to_text."""
+    if not isinstance(q, str):
+        raise TaskError(f"the prompt is not text: {q!r} (multiple-input tasks are not supported)")
+    has_answer = answer is not None and answer != ""
+    needs = bool(gen_prefix) and q != "" and not (q[-1].isspace() or gen_prefix[0].isspace())
+    text = q + (tgt_delim if (has_answer and not gen_prefix) or needs else "")
+    if has_answer:
+        a = choices[answer] if choices and isinstance(answer, int) else answer[0] if isinstance(answer, list) \
+            else answer
+        if not isinstance(a, str):
+            raise TaskError(f"the answer of a few-shot example is not text: {a!r}")
+        text += _maybe_delimit(gen_prefix, a, " ") + few_delim
+    elif gen_prefix:
+        text += gen_prefix
+    return text
+
+
+class FewshotSampler:
+    """lm-eval's samplers: `default` draws with one Random(1234) in document order; `first_n` takes the first n."""
+
+    def __init__(self, task: Task, seed: int = FEWSHOT_SEED):
+        self.task, self.rnd = task, random.Random(seed)
+        self.kind = task.fewshot_cfg.get("sampler", "default")
+        self.pool = task.fewshot_pool or []
+        # lm-eval passes the evaluated document (to drop it from the draw) when the few-shot split is the test split
+        self.exclude_self = task.fewshot_cfg.get("split") == task.cfg.get("test_split")
+
+    def sample(self, n: int, doc: dict) -> list[dict]:
+        if n == 0:
+            return []
+        if not self.pool:
+            raise TaskError(f"task {self.task.name}: no documents to draw {n} few-shot examples from")
+        if self.kind == "first_n":
+            pool = [x for x in self.pool if x != doc] if self.exclude_self else self.pool
+            if n > len(pool):
+                raise TaskError(f"task {self.task.name}: {n} few-shot examples requested, {len(pool)} available")
+            return pool[:n]
+        if n + self.exclude_self > len(self.pool):
+            raise TaskError(f"task {self.task.name}: {n} few-shot examples requested, {len(self.pool)} available")
+        if not self.exclude_self:
+            return self.rnd.sample(self.pool, n)
+        res = [x for x in self.rnd.sample(self.pool, n + 1) if x != doc][:n]
+        if len(res) < n:
+            res = self.rnd.sample([x for x in self.pool if x != doc], n)
+        return res
+
+
+def context(task: Task, doc: dict, shots: list[dict]) -> str:
+    """The prompt for `doc`: description, the few-shot examples with their answers, then the question."""
+    fs = task.fewshot_cfg
+    text = resolve_field(doc, task.get("description", "")) or ""
+    for shot in shots:
+        choices = doc_to_choice(task, shot, fs.get("doc_to_choice")) if fs.get("doc_to_choice") else None
+        q = doc_to_text(task, shot, fs.get("doc_to_text"))
+        a = doc_to_target(task, shot, fs.get("doc_to_target"))
+        text += _qa_turn(q, choices, a, resolve_field(shot, fs.get("gen_prefix")), fs["target_delimiter"],
+                         fs["fewshot_delimiter"])
+    gen_prefix = resolve_field(doc, task.cfg.get("gen_prefix"))
+    return text + _qa_turn(doc_to_text(task, doc), None, None, gen_prefix, task.get("target_delimiter", " "), "")
+
+
+# ---- filters and metrics -----------------------------------------------------------------------
+def _regex_filter(pattern: str = r"#### (\-?[0-9\.\,]+)", group_select: int = 0, fallback: str = "[invalid]"):
+    rx = re.compile(pattern)
+
+    def one(resp: str) -> str:
+        match = rx.findall(resp if isinstance(resp, str) else "")
+        if not match:
+            return fallback
+        match = match[group_select]
+        if isinstance(match, tuple):
+            match = next((m for m in match if m), fallback)
+        return match.strip()
+
+    return lambda resps, docs: [[one(r) for r in rs] for rs in resps]
+
+
+def build_filter(task: Task, steps: list[dict]) -> Callable:
+    """A filter pipeline from filter_list steps (regex, take_first, lowercase, uppercase, remove_whitespace,
+    custom): responses (one list per document) in, filtered responses out."""
+    fns = []
+    for step in steps:
+        step = dict(step)
+        kind = step.pop("function", None)
+        if kind == "regex":
+            fns.append(_regex_filter(step.get("regex_pattern", r"#### (\-?[0-9\.\,]+)"),
+                                     int(step.get("group_select", 0)), step.get("fallback", "[invalid]")))
+        elif kind == "take_first":
+            fns.append(lambda resps, docs: [r[0] for r in resps])
+        elif kind == "lowercase":
+            fns.append(lambda resps, docs: [[x.lower() for x in r] for r in resps])
+        elif kind == "uppercase":
+            fns.append(lambda resps, docs: [[x.upper() for x in r] for r in resps])
+        elif kind == "remove_whitespace":
+            fns.append(lambda resps, docs: [[x.strip() for x in r] for r in resps])
+        elif kind == "custom" and callable(step.get("filter_fn")):
+            fns.append(step["filter_fn"])
+        else:
+            raise TaskError(f"task {task.name}: filter function {kind!r} is not supported (regex, take_first, "
+                            "lowercase, uppercase, remove_whitespace, custom with filter_fn: !function)")
+
+    def run(resps, docs):
+        for fn in fns:
+            resps = list(fn(resps, docs))
+        return resps
+
+    return run
+
+
+def exact_match(prediction: str, reference: str, regexes_to_ignore=None, ignore_case: bool = False,
+                ignore_punctuation: bool = False, ignore_numbers: bool = False) -> float:
+    """lm-eval's exact_match (HF evaluate's): strip the regexes, optionally case, punctuation and digits."""
+    for rx in regexes_to_ignore or []:
+        prediction, reference = re.sub(rx, "", prediction), re.sub(rx, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    for on, chars in ((ignore_punctuation, string.punctuation), (ignore_numbers, string.digits)):
+        if on:
+            table = str.maketrans("", "", chars)
+            prediction, reference = prediction.translate(table), reference.translate(table)
+    return float(prediction == reference)
+
+
+def mean_stderr(values: list[float]) -> float | None:
+    """Standard error of the mean with the sample standard deviation (lm-eval's mean_stderr)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+
+
+def metric_kwargs(entry: dict) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in ("metric", "aggregation", "higher_is_better")}
