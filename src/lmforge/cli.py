@@ -314,26 +314,24 @@ def cmd_eval_compare(args) -> int:
 
 
 def cmd_eval_perplexity(args) -> int:
-    import torch
-
     from dataclasses import asdict
 
+    from lmforge.eval.lm import EvalModel
     from lmforge.eval.perplexity import read_documents, score
-    from lmforge.model.load import load_model, load_tokenizer
-    from lmforge.train.distributed import pick_device
 
     docs = read_documents(args.data)
-    device = pick_device(args.device)
-    model = load_model(args.model, dtype=torch.float32, device=device, merge_adapter=True).eval()
-    max_length = args.max_length or getattr(model.config, "max_position_embeddings", 2048)
-    r = score(model, load_tokenizer(args.model), docs, max_length, args.stride, args.batch_size)
+    if args.max_length is not None and args.max_length < 1:
+        raise CliError(f"--max-length must be at least 1, got {args.max_length}")
+    model = EvalModel.load(args.model, device=args.device, max_length=args.max_length)
+    model.batch_tokens = args.batch_size * model.max_length
+    r = score(model, docs, args.stride)
     print(f"{r.documents} documents, {r.tokens:,} tokens, {r.words:,} words, {r.bytes:,} bytes "
-          f"(max length {max_length}, stride {args.stride or max_length})")
+          f"(max length {model.max_length}, stride {args.stride or model.max_length})")
     for key in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
         print(f"{key:<18} {getattr(r, key):.4f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": str(args.model), "data": str(args.data),
-                                              "max_length": max_length, "stride": args.stride or max_length,
+                                              "max_length": model.max_length, "stride": args.stride or model.max_length,
                                               **asdict(r)}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
@@ -567,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate each model's answer to every prompt once (cached in OUT/answers.jsonl), "
                                    "then serve a web page: / shows two anonymous answers to vote on, /rate one "
                                    "answer to rate 1-5, /results the leaderboard (online Elo, Bradley-Terry with "
-                                   "bootstrap 95%% intervals) and its CSV. Votes go to OUT/votes.sqlite.")
+                                   "bootstrap 95% intervals) and its CSV. Votes go to OUT/votes.sqlite.")
     hu.add_argument("--models", nargs="+", required=True, metavar="MODEL",
                     help="two or more model specs (alias, .gguf, HF directory, run, adapter)")
     hu.add_argument("--prompts", required=True, help=".jsonl (`prompt`, or `instruction` + `input`, per line), "

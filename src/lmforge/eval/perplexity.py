@@ -69,43 +69,25 @@ def read_documents(path: str | Path) -> list[str]:
     raise ValueError(f"--data {path}: use .txt, .jsonl (a `text` field per line) or .json")
 
 
-def score(model, tokenizer, documents: list[str], max_length: int, stride: int | None = None,
-          batch_size: int = 8) -> PerplexityResult:
-    """Sum every document's token log-likelihood over its rolling windows, batched across windows."""
-    import torch
-
+def score(model, documents: list[str], stride: int | None = None) -> PerplexityResult:
+    """Sum every document's token log-likelihood over its rolling windows; `model` is an EvalModel whose
+    max_length is the window (the windows of all documents are scored together, in length-sorted batches)."""
+    max_length = model.max_length
     stride = stride or max_length
     if max_length < 1:
         raise ValueError(f"--max-length must be at least 1, got {max_length}")
     if not 1 <= stride <= max_length:
         raise ValueError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     windows = [w for doc in documents
-               for w in rolling_windows(tokenizer(doc, add_special_tokens=False).input_ids, prefix, max_length, stride)]
-    device = next(model.parameters()).device
-    total = 0.0
-    windows.sort(key=lambda w: -(len(w[0]) + len(w[1])))  # similar lengths together: less padding
-    with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i: i + batch_size]
-            inputs = [(c + t)[:-1] for c, t in batch]
-            width = max(map(len, inputs))
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for r, x in enumerate(inputs):
-                ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
-            logprobs = torch.log_softmax(model(ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
-            for r, (c, t) in enumerate(batch):
-                start = len(inputs[r]) - len(t)  # the positions that predict the continuation
-                target = torch.tensor(t, device=device)
-                total += logprobs[r, start: start + len(t)].gather(1, target[:, None]).sum().item()
+               for w in rolling_windows(model.tok(doc, add_special_tokens=False).input_ids, model.prefix_token_id,
+                                        max_length, stride)]
     n_tokens = sum(len(t) for _, t in windows)
     if not n_tokens:
         raise ValueError("the documents hold no tokens to score")
+    total = sum(ll for ll, _ in model.loglikelihood(windows))
     words = sum(len(re.split(r"\s+", d)) for d in documents)
     n_bytes = sum(len(d.encode("utf-8")) for d in documents)
     return PerplexityResult(
         documents=len(documents), tokens=n_tokens, words=words, bytes=n_bytes, loglikelihood=total,
         token_perplexity=math.exp(-total / n_tokens), word_perplexity=math.exp(-total / words),
         byte_perplexity=math.exp(-total / n_bytes), bits_per_byte=-total / n_bytes / math.log(2))
-

@@ -207,8 +207,8 @@ def _load_docs(task: Task, data_dir: Path | None) -> None:
         raise TaskError(f"task {task.name}: could not load its data ({type(e).__name__}: {first[:200]}){hint}") \
             from None
 
-    def split_docs(split: str | None, process=None):
-        if not split:
+    def split_docs(split: str | None, process=None, required: bool = True):
+        if not split or (split not in dataset and not required):
             return None
         if split not in dataset:
             raise TaskError(f"task {task.name}: the data has no split {split!r} (it has {', '.join(dataset)})")
@@ -221,11 +221,11 @@ def _load_docs(task: Task, data_dir: Path | None) -> None:
         raise TaskError(f"task {task.name}: needs a test_split or validation_split")
     task.docs = split_docs(eval_split)
     fs = task.fewshot_cfg
-    if fs.get("split"):
-        task.fewshot_pool = split_docs(fs["split"], fs.get("process_docs"))
+    if fs.get("split"):  # a missing few-shot split only matters when examples are asked for (FewshotSampler)
+        task.fewshot_pool = split_docs(fs["split"], fs.get("process_docs"), required=False)
     else:
-        task.fewshot_pool = (split_docs(splits["training"]) if splits["training"] else
-                             split_docs(splits["validation"]) if splits["validation"] else task.docs)
+        task.fewshot_pool = (split_docs(splits["training"], required=False) if splits["training"] else
+                             split_docs(splits["validation"], required=False) if splits["validation"] else task.docs)
 
 
 def _data_files(task: Task, files):

@@ -1,0 +1,121 @@
+"""`lmforge eval tasks --bridge lm-eval`: any lm-evaluation-harness task, run by lm-eval on the model lmforge loaded.
+
+lm-eval builds the prompts and computes the metrics; lmforge answers its requests (log-likelihoods,
+rolling log-likelihoods, greedy generation) with EvalModel, so adapters, GGUF files and runs load
+the same way as everywhere else in lmforge. Needs the `eval` extra (lm-eval).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.eval.lm import EvalModel
+from lmforge.eval.perplexity import rolling_windows
+
+
+def lm_eval_model(em: EvalModel):
+    """An lm-eval `TemplateLM` whose requests EvalModel answers."""
+    from lm_eval.api.model import TemplateLM
+
+    class LmforgeLM(TemplateLM):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = em.tok
+
+        @property
+        def eot_token_id(self) -> int:
+            return em.tok.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            return em.prefix_token_id
+
+        @property
+        def max_length(self) -> int:
+            return em.max_length
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            if add_special_tokens is None:
+                return em.encode(string)
+            return em.tok.encode(string, add_special_tokens=add_special_tokens)
+
+        def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+            return em.tok.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            return em.loglikelihood([(ctx, cont) for _, ctx, cont in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            windows, owner = [], []
+            for i, req in enumerate(requests):
+                for w in rolling_windows(em.tok.encode(req.args[0], add_special_tokens=False), em.prefix_token_id,
+                                         em.max_length, em.max_length):
+                    windows.append(w)
+                    owner.append(i)
+            totals = [0.0] * len(requests)
+            for i, (ll, _) in zip(owner, em.loglikelihood(windows)):
+                totals[i] += ll
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            out: list[str | None] = [None] * len(requests)
+            groups: dict[tuple, list[int]] = {}
+            for i, req in enumerate(requests):
+                kwargs = dict(req.args[1])
+                if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
+                    raise ValueError("lmforge's bridge generates greedily; this task asks for sampling")
+                until = kwargs.get("until") or []
+                until = (until,) if isinstance(until, str) else tuple(until)
+                groups.setdefault((until, int(kwargs.get("max_gen_toks", 256))), []).append(i)
+            for (until, max_gen_toks), idx in groups.items():
+                for i, text in zip(idx, em.generate_until([requests[i].args[0] for i in idx], list(until),
+                                                          max_gen_toks)):
+                    out[i] = text
+            return out
+
+    return LmforgeLM()
+
+
+def task_names(specs: list[str]) -> tuple[list[str], list[str]]:
+    """(lm-eval task names, include paths): a YAML path becomes its `task` name plus its directory."""
+    from lmforge.eval.tasks import read_task_yaml
+
+    names, include = [], []
+    for spec in specs:
+        path = Path(spec)
+        if path.suffix in (".yaml", ".yml"):
+            names.append(str(read_task_yaml(path).get("task") or path.stem))
+            if str(path.resolve().parent) not in include:
+                include.append(str(path.resolve().parent))
+        else:
+            names.append(spec)
+    return names, include
+
+
+def evaluate_with_lm_eval(spec: str, specs: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
+                          device: str = "auto", max_length: int | None = None) -> dict[str, dict]:
+    """Run the tasks through lm-eval's simple_evaluate; {task: {metric: value, ...}} in lmforge's result shape."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise RuntimeError("--bridge lm-eval needs lm-eval: pip install 'lmforge[eval]'") from None
+    names, include = task_names(specs)
+    manager = TaskManager(include_path=include or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"lm-eval does not know task(s) {', '.join(unknown)}")
+    em = EvalModel.load(spec, device=device, max_length=max_length)
+    try:
+        res = simple_evaluate(model=lm_eval_model(em), tasks=names, num_fewshot=num_fewshot, limit=limit,
+                              task_manager=manager, log_samples=False)
+    finally:
+        em.close()
+    results = {}
+    for task, metrics in res["results"].items():
+        r = {"n_samples": res.get("n-samples", {}).get(task, {}).get("effective"),
+             "num_fewshot": res.get("n-shot", {}).get(task)}
+        for key, value in metrics.items():
+            if key not in ("alias", "sample_len") and isinstance(value, (int, float)):
+                r[key.removesuffix(",none")] = value
+        results[task] = r
+    return results
