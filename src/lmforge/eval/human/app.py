@@ -1,0 +1,241 @@
+"""The human-evaluation web app: pairwise votes, 1–5 ratings, a leaderboard and its CSV.
+
+Pages are plain HTML forms (no JavaScript needed). Answers are untrusted model output: Jinja2
+escapes every value (autoescape on, nothing marked safe), and a Content-Security-Policy that allows
+no scripts at all backs that up. Which models wrote the answers on a page is kept server-side behind
+the page's token (see store.py).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import random
+import secrets
+import threading
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from jinja2 import DictLoader, Environment
+from starlette.concurrency import run_in_threadpool
+
+from lmforge.eval.human.answers import Prompt
+from lmforge.eval.human.ratings import Row, identified, leaderboard
+from lmforge.eval.human.store import Store, VoteError
+
+COOKIE = "lmforge_voter"
+MAX_FORM_BYTES = 4096
+HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                                      "base-uri 'none'; frame-ancestors 'none'",
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+RUBRIC = [(5, "Excellent", "fully correct, complete, clear and helpful"),
+          (4, "Good", "correct and helpful, with minor issues"),
+          (3, "Acceptable", "partly correct or incomplete, but usable"),
+          (2, "Poor", "mostly wrong, unclear or unhelpful"),
+          (1, "Very poor", "wrong, irrelevant, nonsensical or harmful")]
+FLASH = {"vote": "Vote recorded. Here is the next pair.", "rating": "Rating recorded. Here is the next answer."}
+
+TEMPLATES = {
+    "base.html": """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }} - lmforge human eval</title>
+<style>
+body { font: 16px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 72rem; padding: 0 1rem 2rem; color: #1d1d1f; }
+nav { padding: .8rem 0; border-bottom: 1px solid #ddd; margin-bottom: 1rem; }
+nav a { margin-right: 1.2rem; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f8; padding: .8rem; border-radius: 6px;
+      font: 14px/1.4 ui-monospace, monospace; margin: .3rem 0 1rem; }
+.answers { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 1rem; }
+@media (max-width: 50rem) { .answers { grid-template-columns: 1fr; } }
+button { font-size: 1rem; padding: .5rem 1rem; margin: .2rem .4rem .2rem 0; cursor: pointer; }
+.flash { background: #e8f5e9; padding: .5rem .8rem; border-radius: 6px; }
+.note { color: #555; font-size: .9rem; }
+table { border-collapse: collapse; }
+th, td { padding: .35rem .7rem; border-bottom: 1px solid #ddd; text-align: right; }
+th:nth-child(2), td:nth-child(2) { text-align: left; }
+</style></head>
+<body><nav><a href="/">Compare</a><a href="/rate">Rate</a><a href="/results">Results</a></nav>
+<main>{% if flash %}<p class="flash" id="flash">{{ flash }}</p>{% endif %}{% block main %}{% endblock %}</main>
+</body></html>""",
+    "pair.html": """{% extends "base.html" %}{% block main %}
+<h1>Which answer is better?</h1>
+<h2>Prompt</h2><pre id="prompt">{{ prompt }}</pre>
+<div class="answers">
+<section><h2>Answer A</h2><pre id="answer-a">{{ answer_a }}</pre></section>
+<section><h2>Answer B</h2><pre id="answer-b">{{ answer_b }}</pre></section>
+</div>
+<form method="post" action="/vote">
+<input type="hidden" name="token" value="{{ token }}">
+<button name="winner" value="a" id="vote-a">A is better</button>
+<button name="winner" value="b" id="vote-b">B is better</button>
+<button name="winner" value="tie" id="vote-tie">Tie</button>
+<button name="winner" value="both_bad" id="vote-both-bad">Both are bad</button>
+</form>
+<p class="note">Two different models wrote these answers, shown in random order; which one wrote which is
+hidden. Judge correctness first, then completeness, clarity and helpfulness; ignore length for its own sake.</p>
+{% endblock %}""",
+    "rate.html": """{% extends "base.html" %}{% block main %}
+<h1>How good is this answer?</h1>
+<h2>Prompt</h2><pre id="prompt">{{ prompt }}</pre>
+<h2>Answer</h2><pre id="answer">{{ answer }}</pre>
+<form method="post" action="/rate">
+<input type="hidden" name="token" value="{{ token }}">
+{% for score, name, text in rubric %}<div><button name="score" value="{{ score }}" id="rate-{{ score }}">{{ score }}
+- {{ name }}</button> {{ text }}</div>
+{% endfor %}</form>
+{% endblock %}""",
+    "results.html": """{% extends "base.html" %}{% block main %}
+<h1>Leaderboard</h1>
+<p id="totals">{{ n_votes }} pairwise vote{{ "" if n_votes == 1 else "s" }}, {{ n_scores }}
+rating{{ "" if n_scores == 1 else "s" }} (1-5).</p>
+<table id="leaderboard">
+<thead><tr><th>#</th><th>Model</th><th>Bradley-Terry</th><th>95% CI</th><th>Elo</th><th>Votes</th>
+<th>W / T / L</th><th>Both bad</th><th>Mean 1-5 (n)</th></tr></thead>
+<tbody>{% for r in rows %}
+<tr><td>{{ loop.index }}</td><td>{{ r.model }}</td>
+<td>{{ "%.1f"|format(r.bt) if r.bt is not none else "-" }}</td>
+<td>{{ "%.1f to %.1f"|format(r.bt_low, r.bt_high) if r.bt_low is not none else "-" }}</td>
+<td>{{ "%.1f"|format(r.elo) }}</td><td>{{ r.votes }}</td><td>{{ r.wins }} / {{ r.ties }} / {{ r.losses }}</td>
+<td>{{ r.both_bad }}</td>
+<td>{{ "%.2f (%d)"|format(r.score_mean, r.score_n) if r.score_n else "- (0)" }}</td></tr>
+{% endfor %}</tbody></table>
+{% if not fitted %}<p class="note" id="bt-note">Bradley-Terry ratings appear once every model can be reached from
+every other through wins (a tie counts both ways); until then some models have only won or only lost against
+the rest, and their maximum-likelihood ratings are infinite.</p>{% endif %}
+<p><a href="/results.csv" id="csv">Download CSV</a></p>
+<p class="note">Elo: online updates in vote order, K = 4, base 10, scale 400, start 1000. Bradley-Terry:
+maximum likelihood as Chatbot Arena computes it (ties and "both bad" count half a win for each side), ratings
+averaging 1000; the 95% interval is the 2.5th to 97.5th percentile over {{ rounds }} bootstrap resamplings of
+the votes. Ratings (1-5) are shown separately and do not enter either.</p>
+{% endblock %}""",
+}
+
+
+@dataclass
+class Session:
+    """What the app serves: the votes store, the models, the prompts and every (model, prompt id) answer."""
+    store: Store
+    models: list[str]
+    prompts: list[Prompt]
+    answers: dict[tuple[str, str], str]
+    seed: int = 0
+    rounds: int = 1000
+
+
+def create_app(session: Session) -> FastAPI:
+    """The FastAPI app: / (vote), /rate, /results, /results.csv, /health."""
+    env = Environment(loader=DictLoader(TEMPLATES), autoescape=True)
+    rng = random.Random(session.seed)
+    rng_lock = threading.Lock()
+    pairs = list(itertools.combinations(session.models, 2))
+    results: dict = {"version": None}
+    results_lock = threading.Lock()
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(HEADERS)
+        return response
+
+    def page(request: Request, name: str, **ctx) -> HTMLResponse:
+        flash = FLASH.get(request.query_params.get("done", ""))
+        response = HTMLResponse(env.get_template(name).render(flash=flash, **ctx))
+        if COOKIE not in request.cookies:
+            response.set_cookie(COOKIE, secrets.token_hex(16), max_age=365 * 86400, httponly=True, samesite="lax")
+        return response
+
+    async def form(request: Request) -> dict[str, str]:
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            raise VoteError(f"form body over {MAX_FORM_BYTES} bytes", status=413)
+        return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+
+    def voter(request: Request) -> str:
+        return request.cookies.get(COOKIE, "anonymous")[:64]
+
+    def board() -> tuple[list[Row], bool, int, int]:
+        with results_lock:  # one computation per change of the votes, however many people reload
+            version = session.store.version()
+            if results["version"] != version:
+                votes, scores = session.store.votes(), session.store.scores()
+                rows = leaderboard(votes, scores, session.models, rounds=session.rounds, seed=session.seed)
+                results.update(version=version, value=(rows, identified(votes, session.models), len(votes),
+                                                      len(scores)))
+            return results["value"]
+
+    @app.exception_handler(VoteError)
+    async def vote_error(request: Request, e: VoteError):
+        return PlainTextResponse(f"error: {e}\n", status_code=e.status)
+
+    @app.get("/health")
+    def health():
+        return PlainTextResponse("ok\n")
+
+    @app.get("/", response_class=HTMLResponse)
+    def compare(request: Request):
+        with rng_lock:
+            prompt = rng.choice(session.prompts)
+            a, b = rng.sample(rng.choice(pairs), 2)
+        token = session.store.show(prompt.id, a, b)
+        return page(request, "pair.html", title="Compare", prompt=prompt.text, token=token,
+                    answer_a=session.answers[(a, prompt.id)], answer_b=session.answers[(b, prompt.id)])
+
+    @app.post("/vote")
+    async def vote(request: Request):
+        fields = await form(request)
+        await run_in_threadpool(session.store.vote, fields.get("token", ""), fields.get("winner", ""), voter(request))
+        return RedirectResponse("/?done=vote", status_code=303)
+
+    @app.get("/rate", response_class=HTMLResponse)
+    def rate_page(request: Request):
+        with rng_lock:
+            prompt = rng.choice(session.prompts)
+            model = rng.choice(session.models)
+        token = session.store.show(prompt.id, model)
+        return page(request, "rate.html", title="Rate", prompt=prompt.text, answer=session.answers[(model, prompt.id)],
+                    token=token, rubric=RUBRIC)
+
+    @app.post("/rate")
+    async def rate(request: Request):
+        fields = await form(request)
+        await run_in_threadpool(session.store.rate, fields.get("token", ""), fields.get("score", ""), voter(request))
+        return RedirectResponse("/rate?done=rating", status_code=303)
+
+    @app.get("/results", response_class=HTMLResponse)
+    def results_page(request: Request):
+        rows, fitted, n_votes, n_scores = board()
+        return page(request, "results.html", title="Results", rows=rows, fitted=fitted, n_votes=n_votes,
+                    n_scores=n_scores, rounds=session.rounds)
+
+    @app.get("/results.csv")
+    def results_csv():
+        rows, _, _, _ = board()
+        return Response(to_csv(rows), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="results.csv"'})
+
+    return app
+
+
+def to_csv(rows: list[Row]) -> str:
+    """The leaderboard as CSV, one row per model, best first; empty cells where a value does not exist yet."""
+    def num(x: float | None, digits: int = 2) -> str:
+        return "" if x is None else f"{x:.{digits}f}"
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "model", "bt_rating", "bt_ci_low", "bt_ci_high", "elo", "votes", "wins", "ties", "losses",
+                "both_bad", "score_mean", "score_n"])
+    for i, r in enumerate(rows, 1):
+        w.writerow([i, r.model, num(r.bt), num(r.bt_low), num(r.bt_high), num(r.elo), r.votes, r.wins, r.ties,
+                    r.losses, r.both_bad, num(r.score_mean, 3), r.score_n])
+    return buf.getvalue()
+
+
+def serve(session: Session, host: str, port: int) -> None:
+    """Serve the app until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(session), host=host, port=port, log_level="warning")
