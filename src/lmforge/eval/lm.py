@@ -91,15 +91,23 @@ class EvalModel:
             full = (ctx + cont)[-(self.max_length + 1):]
             key = tuple(full[: len(full) - len(cont)])
             groups.setdefault(key, _Group(list(key), [])).items.append((i, cont))
-        rows = list(groups.values()) if self.fast else [_Group(g.context, [it]) for g in groups.values()
-                                                         for it in g.items]
+        rows = []
+        for g in groups.values():
+            # sharing saves (k-1) context passes but lengthens the row and needs an explicit mask: worth it when the
+            # context outweighs the continuations (a question and its choices), not for perplexity's 1-token prefix
+            mean_cont = sum(len(c) for _, c in g.items) / len(g.items)
+            if self.fast and len(g.items) > 1 and len(g.context) >= mean_cont:
+                rows.append(g)
+            else:
+                rows += [_Group(g.context, [it]) for it in g.items]
         rows.sort(key=lambda g: -g.length)  # similar lengths share a batch: little padding
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         with torch.inference_mode():
             start = 0
             while start < len(rows):
                 end = start + 1
-                while end < len(rows) and (end - start + 1) * rows[start].length <= self.batch_tokens:
+                while end < len(rows) and (end - start + 1) * rows[start].length <= self.batch_tokens \
+                        and rows[end].length * 4 >= rows[start].length * 3:  # padding stays under a quarter
                     end += 1
                 for i, result in self._score(rows[start:end]):
                     out[i] = result
