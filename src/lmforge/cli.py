@@ -269,6 +269,8 @@ def cmd_eval_tasks(args) -> int:
         raise CliError("--tasks: give at least one task name or task YAML")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise CliError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        raise CliError(f"--batch-tokens must be at least 1, got {args.batch_tokens}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise CliError(f"--data-dir {args.data_dir}: no such directory")
     t0 = time.perf_counter()
@@ -323,7 +325,10 @@ def cmd_eval_perplexity(args) -> int:
     if args.max_length is not None and args.max_length < 1:
         raise CliError(f"--max-length must be at least 1, got {args.max_length}")
     model = EvalModel.load(args.model, device=args.device, max_length=args.max_length)
-    model.batch_tokens = args.batch_size * model.max_length
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size:
+        model.batch_tokens = args.batch_size * model.max_length
     r = score(model, docs, args.stride)
     print(f"{r.documents} documents, {r.tokens:,} tokens, {r.words:,} words, {r.bytes:,} bytes "
           f"(max length {model.max_length}, stride {args.stride or model.max_length})")
@@ -538,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, else 0)")
     et.add_argument("--data-dir", help="local data: DIR/<task>/<split>.jsonl replaces the task's hub dataset")
     et.add_argument("--max-length", type=int, help="context window in tokens (default: the model's positions)")
-    et.add_argument("--batch-tokens", type=int, default=8192, help="tokens per scoring forward pass (default 8192)")
+    et.add_argument("--batch-tokens", type=int, help="tokens per scoring forward pass (default 2,048 on CPU, 16,384 on "
+                                                     "GPU)")
     et.add_argument("--device", default="auto", help="auto, cpu or cuda")
     et.add_argument("--bridge", choices=["lm-eval"], help="run the tasks with lm-eval-harness itself, on the model "
                                                          "lmforge loaded (needs the `eval` extra)")
@@ -557,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--data", required=True, help=".txt (one document), .jsonl (`text` per line) or .json list")
     pp.add_argument("--max-length", type=int, help="tokens per window (default: the model's positions)")
     pp.add_argument("--stride", type=int, help="tokens each window predicts (default --max-length, as lm-eval)")
-    pp.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    pp.add_argument("--batch-size", type=int, help="windows per forward pass (default: 2,048 tokens' worth on CPU, "
+                                                   "16,384 on GPU)")
     pp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pp.add_argument("--out", help="write the numbers to this JSON file")
     pp.set_defaults(func=cmd_eval_perplexity)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 HEAD_ROWS = 1024  # positions per output-head chunk: bounds the (rows, vocab) logits in memory
+# Tokens per scoring pass. On CPU small batches win (activations stay in cache: 2,048 scored a 200-question
+# task 15 % faster than 8,192); a GPU wants big ones.
+BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 
 
 @dataclass
@@ -31,13 +34,13 @@ class _Group:
 class EvalModel:
     """A loaded model and tokenizer with lm-eval's request semantics; `load` builds one from a model spec."""
 
-    def __init__(self, model, tokenizer, max_length: int | None = None, batch_tokens: int = 8192):
+    def __init__(self, model, tokenizer, max_length: int | None = None, batch_tokens: int | None = None):
         from lmforge.serve.runner import check_supported
 
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.batch_tokens = batch_tokens
+        self.batch_tokens = batch_tokens or BATCH_TOKENS.get(self.device.type, 4096)
         try:
             check_supported(model.config)
             self.fast = True
@@ -48,7 +51,7 @@ class EvalModel:
         self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
-    def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int = 8192):
+    def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int | None = None):
         from lmforge.model.load import load_model, load_tokenizer
         from lmforge.train.distributed import pick_device
 
@@ -187,35 +190,35 @@ class EvalModel:
         prompts = [self.encode(c)[-keep:] for c in contexts]
         if not self.fast:
             return [self._hf_generate(p, until, max_gen_toks) for p in prompts]
+        if not prompts:
+            return []
         from lmforge.serve.engine import Request, SamplingParams
 
-        engine = self._generation_engine(max(map(len, prompts), default=1))
+        engine = self._generation_engine(max(map(len, prompts)))
         texts: list[list[str]] = [[] for _ in prompts]
+        failed: list[int] = []
         left = [len(prompts)]
         done = threading.Event()
 
         def sink_for(i):
-            def sink(ev):
+            def sink(ev):  # runs on the engine thread
                 texts[i].append(ev.text)
-                if ev.finish_reason is not None:
-                    if ev.finish_reason not in ("stop", "length"):
-                        texts[i].append(f"\0{ev.finish_reason}")
-                    left[0] -= 1
-                    if not left[0]:
-                        done.set()
+                if ev.finish_reason is None:
+                    return
+                if ev.finish_reason not in ("stop", "length"):
+                    failed.append(i)
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
             return sink
 
         params = SamplingParams(max_tokens=max_gen_toks, temperature=0.0, stop=[u for u in until if u])
-        if not prompts:
-            return []
         for i, p in enumerate(prompts):
             engine.submit(Request(p, params, sink_for(i)))
         done.wait()
-        out = ["".join(t) for t in texts]
-        failed = [i for i, t in enumerate(out) if "\0" in t]
         if failed:
-            raise RuntimeError(f"generation failed for {len(failed)} of {len(out)} prompts (first: #{failed[0]})")
-        return out
+            raise RuntimeError(f"generation failed for {len(failed)} of {len(prompts)} prompts (first: #{min(failed)})")
+        return ["".join(t) for t in texts]
 
     def _generation_engine(self, longest_prompt: int):
         from lmforge.generate import eos_ids
