@@ -324,9 +324,9 @@ def cmd_eval_perplexity(args) -> int:
     docs = read_documents(args.data)
     if args.max_length is not None and args.max_length < 1:
         raise CliError(f"--max-length must be at least 1, got {args.max_length}")
-    model = EvalModel.load(args.model, device=args.device, max_length=args.max_length)
     if args.batch_size is not None and args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = EvalModel.load(args.model, device=args.device, max_length=args.max_length)
     if args.batch_size:
         model.batch_tokens = args.batch_size * model.max_length
     r = score(model, docs, args.stride)
