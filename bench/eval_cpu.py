@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune_cpu import cpu_busy_s, wait_idle  # bench/ is on sys.path when this runs as a script
+from finetune_cpu import wait_idle  # bench/ is on sys.path when this runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -133,10 +133,8 @@ def main() -> int:
                       (f"lm-eval mc bs{b}", lambda b=b: lm_eval_run(model, "mc", data, data / "lm", b, None))]
         for r in range(args.repeats):
             for name, fn in sides:
-                busy = wait_idle(args.wait_idle)
-                c0, t0 = cpu_busy_s(), time.perf_counter()
+                busy = wait_idle(args.wait_idle)  # cores other work used just before this side started
                 result = fn()
-                result["other_cores"] = round(max(0.0, (cpu_busy_s() - c0) / (time.perf_counter() - t0) - 2.0), 2)
                 result["busy_before"] = round(busy, 2)
                 runs.setdefault(name, []).append(result)
                 print(f"[{r + 1}/{args.repeats}] {name}: {result['seconds']:.1f} s", flush=True)

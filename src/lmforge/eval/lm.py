@@ -9,7 +9,6 @@ Generation uses the serving engine (continuous batching, stop strings).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -192,33 +191,11 @@ class EvalModel:
             return [self._hf_generate(p, until, max_gen_toks) for p in prompts]
         if not prompts:
             return []
-        from lmforge.serve.engine import Request, SamplingParams
+        from lmforge.serve.engine import SamplingParams, run_batch
 
         engine = self._generation_engine(max(map(len, prompts)))
-        texts: list[list[str]] = [[] for _ in prompts]
-        failed: list[int] = []
-        left = [len(prompts)]
-        done = threading.Event()
-
-        def sink_for(i):
-            def sink(ev):  # runs on the engine thread
-                texts[i].append(ev.text)
-                if ev.finish_reason is None:
-                    return
-                if ev.finish_reason not in ("stop", "length"):
-                    failed.append(i)
-                left[0] -= 1
-                if not left[0]:
-                    done.set()
-            return sink
-
         params = SamplingParams(max_tokens=max_gen_toks, temperature=0.0, stop=[u for u in until if u])
-        for i, p in enumerate(prompts):
-            engine.submit(Request(p, params, sink_for(i)))
-        done.wait()
-        if failed:
-            raise RuntimeError(f"generation failed for {len(failed)} of {len(prompts)} prompts (first: #{min(failed)})")
-        return ["".join(t) for t in texts]
+        return run_batch(engine, [(p, params) for p in prompts])
 
     def _generation_engine(self, longest_prompt: int):
         from lmforge.generate import eos_ids

@@ -428,3 +428,30 @@ class Engine:
         s.req.live -= 1
         if self.metrics is not None and s.req.live == 0:
             self.metrics.finished(reason, time.monotonic() - s.req.arrival)
+
+
+def run_batch(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[str]:
+    """Submit every (prompt ids, params) to a started engine and wait for all: each request's text, in order.
+
+    For offline callers (evaluation, answer generation); RuntimeError when any request was aborted."""
+    texts: list[list[str]] = [[] for _ in requests]
+    failed: list[int] = []
+    left = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(ev: Event) -> None:  # runs on the engine thread
+            texts[i].append(ev.text)
+            if ev.finish_reason is not None:
+                if ev.finish_reason not in ("stop", "length"):
+                    failed.append(i)
+                left.release()
+        return sink
+
+    for i, (ids, params) in enumerate(requests):
+        engine.submit(Request(ids, params, sink_for(i)))
+    for _ in requests:
+        left.acquire()
+    if failed:
+        raise RuntimeError(f"generation failed for {len(failed)} of {len(requests)} prompts "
+                           f"(first: #{min(failed) + 1}); see the log above")
+    return ["".join(t) for t in texts]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,39 +122,23 @@ def _with_engine(model, tok, stops: list[int], ids: list[list[int]], seeds: list
     """Answers through the continuous-batching engine: all prompts queued at once."""
     import torch
 
-    from lmforge.serve.engine import Engine, Request, SamplingParams
+    from lmforge.serve.engine import Engine, SamplingParams, run_batch
 
     engine = Engine(model, tok, stops, max_batch=min(len(ids), 32), max_queue=len(ids),
                     threads=torch.get_num_threads())  # the engine thread uses the caller's CPU thread count
-    parts: list[list[str]] = [[] for _ in ids]
-    finish: list[str | None] = [None] * len(ids)
-    left = threading.Semaphore(0)
-
-    def sink(k: int):
-        def take(ev) -> None:  # runs in the engine thread
-            parts[k].append(ev.text)
-            if ev.finish_reason is not None:
-                finish[k] = ev.finish_reason
-                left.release()
-        return take
-
+    requests = []
+    for k, p in enumerate(ids):
+        room = engine.max_model_len - len(p)
+        if room <= 0:
+            raise ValueError(f"prompt {k + 1} is {len(p)} tokens, as long as the model's context "
+                             f"({engine.max_model_len}); shorten it")
+        requests.append((p, SamplingParams(max_tokens=min(s.max_new_tokens, room), temperature=s.temperature,
+                                           seed=seeds[k] if s.temperature > 0 else None)))
     engine.start()
     try:
-        for k, p in enumerate(ids):
-            room = engine.max_model_len - len(p)
-            if room <= 0:
-                raise ValueError(f"prompt {k + 1} is {len(p)} tokens, as long as the model's context "
-                                 f"({engine.max_model_len}); shorten it")
-            params = SamplingParams(max_tokens=min(s.max_new_tokens, room), temperature=s.temperature,
-                                    seed=seeds[k] if s.temperature > 0 else None)
-            engine.submit(Request(p, params, sink(k)))
-        for _ in ids:
-            left.acquire()
+        return run_batch(engine, requests)
     finally:
         engine.stop()
-    if any(f not in ("stop", "length") for f in finish):
-        raise RuntimeError("the engine aborted generation; see the log above")
-    return ["".join(p) for p in parts]
 
 
 def _with_generate(model, tok, stops: list[int], ids: list[list[int]], seeds: list[int], s: Settings) -> list[str]:
