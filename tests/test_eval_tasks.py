@@ -261,3 +261,32 @@ def test_bridge_runs_the_same_yaml_through_lm_eval(tmp_path, tiny):
     a = json.loads(native.read_text())["results"]["lmforge_mc"]
     b = json.loads(bridged.read_text())["results"]["lmforge_mc"]
     assert (a["acc"], a["acc_norm"], a["n_samples"]) == (b["acc"], b["acc_norm"], b["n_samples"])
+
+
+@pytest.mark.slow
+def test_rolling_task_native_bridge_and_perplexity_agree(tmp_path, tiny):
+    """A loglikelihood_rolling YAML gives `eval perplexity`'s word/byte perplexity and bits per byte, natively and
+    through the lm-eval bridge (where lm-eval aggregates lmforge's per-document log-likelihoods)."""
+    pytest.importorskip("lm_eval")
+    from conftest import synthetic_text
+
+    text = synthetic_text(3000, seed=9)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": text[i: i + 500]}) + "\n" for i in range(0, 3000, 500)))
+    task = tmp_path / "tasks" / "roll.yaml"
+    task.parent.mkdir()
+    task.write_text(f"task: roll\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+                    "doc_to_target: '{{text}}'\n")
+    outs = {}
+    for name, extra in (("native", []), ("bridge", ["--bridge", "lm-eval"])):
+        outs[name] = tmp_path / f"{name}.json"
+        run_cli("eval", "tasks", str(tiny), "--tasks", str(task), "--max-length", "128", "--device", "cpu",
+                "--out", str(outs[name]), *extra)
+    run_cli("eval", "perplexity", str(tiny), "--data", str(data), "--max-length", "128", "--device", "cpu",
+            "--out", str(tmp_path / "ppl.json"))
+    want = json.loads((tmp_path / "ppl.json").read_text())
+    for name, out in outs.items():
+        got = json.loads(out.read_text())["results"]["roll"]
+        for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (name, key)

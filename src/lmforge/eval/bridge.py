@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.eval.lm import EvalModel
-from lmforge.eval.perplexity import rolling_windows
 
 
 def lm_eval_model(em: EvalModel):
@@ -45,16 +44,7 @@ def lm_eval_model(em: EvalModel):
             return em.loglikelihood([(ctx, cont) for _, ctx, cont in requests])
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            windows, owner = [], []
-            for i, req in enumerate(requests):
-                for w in rolling_windows(em.tok.encode(req.args[0], add_special_tokens=False), em.prefix_token_id,
-                                         em.max_length, em.max_length):
-                    windows.append(w)
-                    owner.append(i)
-            totals = [0.0] * len(requests)
-            for i, (ll, _) in zip(owner, em.loglikelihood(windows)):
-                totals[i] += ll
-            return totals
+            return [ll for ll, _ in em.loglikelihood_rolling([req.args[0] for req in requests])]
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             out: list[str | None] = [None] * len(requests)

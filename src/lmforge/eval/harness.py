@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from lmforge.eval import tasks as T
-from lmforge.eval.perplexity import rolling_windows
 
 PERPLEXITY_METRICS = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
@@ -124,15 +123,7 @@ def _loglikelihood(model, task, docs, contexts) -> dict[str, list]:
 def _rolling(model, task, docs) -> dict[str, list]:
     """Each document's rolling-window log-likelihood, weighted by its words or bytes (lm-eval's definitions)."""
     texts = [T.doc_to_target(task, d) for d in docs]
-    windows, owner = [], []
-    for i, text in enumerate(texts):
-        for w in rolling_windows(model.tok.encode(text, add_special_tokens=False), model.prefix_token_id,
-                                 model.max_length, model.max_length):
-            windows.append(w)
-            owner.append(i)
-    lls = [0.0] * len(texts)
-    for i, (ll, _) in zip(owner, model.loglikelihood(windows)):
-        lls[i] += ll
+    lls = [ll for ll, _ in model.loglikelihood_rolling(texts)]
     per_doc: dict[str, list] = {}
     for m in (e["metric"] for e in task.metrics()):
         weight = (lambda t: len(re.split(r"\s+", t))) if m == "word_perplexity" else \

@@ -116,6 +116,23 @@ class EvalModel:
                 start = end
         return out
 
+    def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[tuple[float, int]]:
+        """(log-likelihood, tokens) of each whole text over rolling windows of max_length (lm-eval's
+        loglikelihood_rolling; `stride` tokens predicted per window, default max_length)."""
+        from lmforge.eval.perplexity import rolling_windows
+
+        windows, owner = [], []
+        for i, text in enumerate(texts):
+            for w in rolling_windows(self.tok.encode(text, add_special_tokens=False), self.prefix_token_id,
+                                     self.max_length, stride or self.max_length):
+                windows.append(w)
+                owner.append(i)
+        totals = [[0.0, 0] for _ in texts]
+        for i, (ll, _), (_, cont) in zip(owner, self.loglikelihood(windows), windows):
+            totals[i][0] += ll
+            totals[i][1] += len(cont)
+        return [(ll, n) for ll, n in totals]
+
     def _score(self, rows: list[_Group]):
         """(request index, (loglikelihood, is_greedy)) for every continuation in a batch of rows."""
         width = rows[0].length

@@ -78,13 +78,10 @@ def score(model, documents: list[str], stride: int | None = None) -> PerplexityR
         raise ValueError(f"--max-length must be at least 1, got {max_length}")
     if not 1 <= stride <= max_length:
         raise ValueError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
-    windows = [w for doc in documents
-               for w in rolling_windows(model.tok(doc, add_special_tokens=False).input_ids, model.prefix_token_id,
-                                        max_length, stride)]
-    n_tokens = sum(len(t) for _, t in windows)
+    scored = model.loglikelihood_rolling(documents, stride)
+    total, n_tokens = sum(ll for ll, _ in scored), sum(n for _, n in scored)
     if not n_tokens:
         raise ValueError("the documents hold no tokens to score")
-    total = sum(ll for ll, _ in model.loglikelihood(windows))
     words = sum(len(re.split(r"\s+", d)) for d in documents)
     n_bytes = sum(len(d.encode("utf-8")) for d in documents)
     return PerplexityResult(
