@@ -34,8 +34,8 @@ SUPPORTED_METRICS = {"multiple_choice": {"acc", "acc_norm", "acc_bytes", "exact_
                      "generate_until": {"exact_match"}}
 # Keys that only label a task or feed lm-eval features we do not need (decontamination); accepted as-is.
 INERT_KEYS = {"task_alias", "tag", "group", "metadata", "should_decontaminate", "doc_to_decontamination_query",
-              "unsafe_code", "dataset_name"}
-KEYS = {"task", "dataset_path", "dataset_kwargs", "training_split", "validation_split", "test_split",
+              "unsafe_code"}
+KEYS = {"task", "dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split", "test_split",
         "fewshot_split", "process_docs", "doc_to_text", "doc_to_target", "doc_to_choice", "process_results",
         "description", "target_delimiter", "fewshot_delimiter", "fewshot_config", "num_fewshot", "metric_list",
         "output_type", "generation_kwargs", "repeats", "filter_list", "gen_prefix"} | INERT_KEYS
