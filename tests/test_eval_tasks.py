@@ -218,6 +218,7 @@ def test_compare_shows_deltas_with_standard_errors(tmp_path):
     (["--tasks", "{tmp}/no_data.yaml"], "data file {tmp}/nowhere.jsonl not found"),
     (["--tasks", "{tmp}/broken_data.yaml"], "could not load its data"),
     (["--tasks", "{tmp}/bad_filter.yaml"], "filter function 'majority_vote' is not supported"),
+    (["--tasks", "{tmp}/group.yaml"], "a group of tasks"),
     (["--tasks", "hellaswag", "--data-dir", "{tmp}/empty"], "hellaswag"),
     (["--tasks", "hellaswag", "--data-dir", "{tmp}/nowhere"], "--data-dir"),
     (["--tasks", "{mc}", "--limit", "0"], "--limit must be positive"),
@@ -232,6 +233,7 @@ def test_bad_tasks_give_one_line_errors(tmp_path, tiny, args, message):
     (tmp_path / "broken_data.yaml").write_text(base.replace(str(LMEVAL / "mc.jsonl"), str(tmp_path / "broken.jsonl")))
     (tmp_path / "bad_filter.yaml").write_text((LMEVAL / "lmforge_qa.yaml").read_text().replace(
         "function: remove_whitespace", "function: majority_vote"))
+    (tmp_path / "group.yaml").write_text("group: both\ntask:\n  - lmforge_mc\n  - lmforge_qa\n")
     (tmp_path / "empty").mkdir()
     args = [a.format(tmp=tmp_path, mc=LMEVAL / "lmforge_mc.yaml") for a in args]
     p = run_cli("eval", "tasks", str(tiny), *args, "--device", "cpu", check=False)

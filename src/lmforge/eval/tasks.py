@@ -137,6 +137,8 @@ def load_task(spec: str, data_dir: Path | None = None) -> Task:
     """Read and check a task definition, then load its documents (local files first, the hub when online)."""
     path = resolve(spec)
     cfg = read_task_yaml(path)
+    if isinstance(cfg.get("task"), list) or "group" in cfg and "task" not in cfg:
+        raise TaskError(f"{path}: a group of tasks; pass its tasks to --tasks (or run it with --bridge lm-eval)")
     name = str(cfg.get("task") or path.stem)
     unknown = sorted(set(cfg) - KEYS)
     if unknown:
