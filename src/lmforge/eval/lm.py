@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.eval.perplexity import rolling_windows
+
 HEAD_ROWS = 1024  # positions per output-head chunk: bounds the (rows, vocab) logits in memory
 # Tokens per scoring pass. On CPU small batches win (activations stay in cache: 2,048 scored a 200-question
 # task 15 % faster than 8,192); a GPU wants big ones.
@@ -119,8 +121,6 @@ class EvalModel:
     def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[tuple[float, int]]:
         """(log-likelihood, tokens) of each whole text over rolling windows of max_length (lm-eval's
         loglikelihood_rolling; `stride` tokens predicted per window, default max_length)."""
-        from lmforge.eval.perplexity import rolling_windows
-
         windows, owner = [], []
         for i, text in enumerate(texts):
             for w in rolling_windows(self.tok.encode(text, add_special_tokens=False), self.prefix_token_id,

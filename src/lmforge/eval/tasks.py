@@ -11,6 +11,7 @@ Built-in definitions live in `builtin/` (HellaSwag, ARC, MMLU, TruthfulQA MC1, G
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import math
 import random
@@ -181,11 +182,14 @@ def _load_docs(task: Task, data_dir: Path | None) -> None:
 
     cfg = task.cfg
     splits = {s: cfg.get(f"{s}_split") for s in ("training", "validation", "test")}
-    wanted = [x for x in {*splits.values(), task.fewshot_cfg.get("split")} if x]
+    eval_split = splits["test"] or splits["validation"]
+    if not eval_split:
+        raise TaskError(f"task {task.name}: needs a test_split or validation_split")
+    fs = task.fewshot_cfg
+    wanted = [x for x in {*splits.values(), fs.get("split")} if x]
     local = {s: _local_split(task.name, s, data_dir) for s in wanted}
     try:
         if any(local.values()):
-            eval_split = splits["test"] or splits["validation"]
             if local.get(eval_split) is None:
                 raise TaskError(f"task {task.name}: {data_dir}/{task.name}/ has no {eval_split}.jsonl (the split "
                                 "it evaluates)")
@@ -218,16 +222,12 @@ def _load_docs(task: Task, data_dir: Path | None) -> None:
         process = process if process is not None else cfg.get("process_docs")
         return list(process(ds) if process is not None else ds)
 
-    eval_split = splits["test"] or splits["validation"]
-    if not eval_split:
-        raise TaskError(f"task {task.name}: needs a test_split or validation_split")
     task.docs = split_docs(eval_split)
-    fs = task.fewshot_cfg
-    if fs.get("split"):  # a missing few-shot split only matters when examples are asked for (FewshotSampler)
-        task.fewshot_pool = split_docs(fs["split"], fs.get("process_docs"), required=False)
-    else:
-        task.fewshot_pool = (split_docs(splits["training"], required=False) if splits["training"] else
-                             split_docs(splits["validation"], required=False) if splits["validation"] else task.docs)
+    # lm-eval's pool: the few-shot split (with fewshot_config's process_docs), else training, else validation docs,
+    # else the evaluated ones; a missing pool only matters when examples are asked for (FewshotSampler)
+    pool_split = fs.get("split") or splits["training"] or splits["validation"]
+    task.fewshot_pool = split_docs(pool_split, fs.get("process_docs") if fs.get("split") else None,
+                                   required=False) if pool_split else task.docs
 
 
 def _data_files(task: Task, files):
@@ -249,7 +249,9 @@ def _data_files(task: Task, files):
 
 
 # ---- document → text (lm-eval's doc_to_* semantics) --------------------------------------------
+@functools.cache
 def _jinja():
+    """lm-eval's template environment (StrictUndefined, trailing newlines kept, regex_replace), sandboxed."""
     from jinja2 import BaseLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
@@ -258,14 +260,8 @@ def _jinja():
     return env
 
 
-_ENV = None
-
-
 def render(template: str, doc: dict) -> str:
-    global _ENV
-    if _ENV is None:
-        _ENV = _jinja()
-    return _ENV.from_string(template).render(**doc)
+    return _jinja().from_string(template).render(**doc)
 
 
 def resolve_field(doc: dict, value):
