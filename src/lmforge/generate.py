@@ -57,7 +57,7 @@ def generate_samples(model_path: str | Path, prompt: str = "", max_new_tokens: i
     import torch
 
     from lmforge.model.load import load_model, load_tokenizer
-    from lmforge.train.distributed import pick_device
+    from lmforge.device import pick_device
 
     tok = load_tokenizer(model_path)
     model = load_model(model_path, device=pick_device(device), merge_adapter=True).eval()
@@ -92,7 +92,7 @@ def chat(spec: str | Path, *, system: str | None = None, max_new_tokens: int = 2
     from transformers import TextStreamer
 
     from lmforge.model.load import load_model, load_tokenizer
-    from lmforge.train.distributed import pick_device
+    from lmforge.device import pick_device
 
     class Streamer(TextStreamer):
         """TextStreamer that writes to `output` instead of printing."""

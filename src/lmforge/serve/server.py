@@ -73,7 +73,7 @@ def _load(cfg: ServeConfig, state, server) -> None:
     from lmforge.generate import eos_ids
     from lmforge.model.load import load_model, load_tokenizer
     from lmforge.serve.engine import Engine
-    from lmforge.train.distributed import pick_device
+    from lmforge.device import pick_device
 
     try:
         device = pick_device(cfg.device)

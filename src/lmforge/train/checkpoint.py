@@ -16,11 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-LATEST = "latest"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
+from lmforge.runs import latest_checkpoint, point_latest, step_dir_name
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,11 +64,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write_model: Callable[[Path], No
     if final.exists():  # a rerun after rollback can reach the same step again
         shutil.rmtree(final)
     os.rename(tmp, final)
-    pointer_tmp = ckpt_root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name + "\n")
-    with open(pointer_tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(pointer_tmp, ckpt_root / LATEST)
+    point_latest(ckpt_root, final)
     _fsync_dir(ckpt_root)
     prune(ckpt_root, keep_last)
     return final
@@ -87,17 +79,6 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     for old in steps[:-keep_last]:
         if latest is None or old.resolve() != latest.resolve():
             shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` names, or None when there is none yet."""
-    pointer = ckpt_root / LATEST
-    if not pointer.is_file():
-        return None
-    path = ckpt_root / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file():  # written last, inside a directory renamed into place
-        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.device import pick_device
+
 
 @dataclass
 class Runtime:
@@ -27,17 +29,6 @@ class Runtime:
         return self.world_size > 1
 
 
-def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU."""
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        return torch.device("cuda", local_rank)
-    if pref == "mps" or (pref == "auto" and torch.backends.mps.is_available()):
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def init_runtime(device_pref: str, parallel: str, threads: int | None = None) -> Runtime:
     """Join torchrun's process group when its environment is there (NCCL on CUDA, gloo otherwise).
 
@@ -45,7 +36,7 @@ def init_runtime(device_pref: str, parallel: str, threads: int | None = None) ->
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_pref, local)
+    device = pick_device(device_pref, local, key="train.device")
     if world > 1:
         if parallel == "none":
             raise RuntimeError(f"started with {world} processes but train.parallel=none; set train.parallel=ddp or fsdp")

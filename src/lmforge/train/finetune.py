@@ -21,7 +21,8 @@ from torch import nn
 from lmforge.config import dump_config
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.distributed import init_runtime, shutdown
-from lmforge.train.loop import Job, RunSpec, resolve_precision, train
+from lmforge.device import resolve_precision
+from lmforge.train.loop import Job, RunSpec, train
 from lmforge.train.sft_data import batch_tokens, eval_batches, load_sft_data, train_batches
 
 IGNORE = -100

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from lmforge.device import resolve_precision
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import GuardConfig, LogConfig, TrainConfig
 from lmforge.train.distributed import Runtime, all_reduce_sum, barrier, eval_shard, no_grad_sync, wrap_model
@@ -59,17 +60,6 @@ class RunSpec:
     guards: GuardConfig
     log: LogConfig
     config_dump: dict = field(default_factory=dict)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA when supported (else fp16), bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return "bf16"
-    return "fp32"
 
 
 def autocast_for(precision: str, device: torch.device):

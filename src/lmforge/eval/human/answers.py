@@ -213,7 +213,7 @@ def _generate_for(model_spec: str, prompts: list[Prompt], s: Settings, device: s
     import torch
 
     from lmforge.model.load import load_model, load_tokenizer
-    from lmforge.train.distributed import pick_device
+    from lmforge.device import pick_device
 
     started = time.monotonic()
     dev = pick_device(device)
