@@ -22,7 +22,9 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/lmforge quickstart
 
+# lint-imports checks the layers contract in pyproject.toml (imports run one way) before the suite runs.
 test: venv
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 # The peers the benchmarks compare against (TRL, datasketch, datatrove) come with the bench extra.

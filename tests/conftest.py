@@ -167,3 +167,17 @@ def stop_server(proc: subprocess.Popen) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=30)
     return out or ""
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from transformers' own forward with its KV cache, EOS treated as an ordinary token."""
+    import torch
+
+    out, past, x = [], None, torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            res = model(x, cache=past, use_cache=True)
+            past, t = res.past_key_values, int(res.logits[0, -1].argmax())
+            out.append(t)
+            x = torch.tensor([[t]])
+    return out

@@ -33,7 +33,7 @@ def tiny(tmp_path_factory) -> dict:
         a, b = rng.randint(0, 40), rng.randint(0, 40)
         records.append({"instruction": f"add {a} and {b}", "input": "", "output": f"{a + b}"})
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    from lmforge.train.sft_data import ALPACA, ALPACA_INPUT
+    from lmforge.tokens.chat import ALPACA, ALPACA_INPUT
     build_char_tokenizer(ALPACA + ALPACA_INPUT + "0123456789 add", d / "base")
     tok = AutoTokenizer.from_pretrained(d / "base")
     torch.manual_seed(0)

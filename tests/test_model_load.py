@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.generate import chat, generate, generate_samples
+from lmforge.infer import chat, generate, generate_samples
 from lmforge.model import load
 from lmforge.model.export import export_model
 from conftest import save_tiny
@@ -243,7 +243,7 @@ def smol(smol_cache, monkeypatch) -> Path:
 
 def test_alias_answers_paris_and_stops_at_eos(smol):
     [s] = generate_samples(ALIAS, "What is the capital of France?", max_new_tokens=64, temperature=0,
-                           chat_template=True)
+                           template="chat")
     assert "Paris" in s.text and s.finished and s.n_tokens < 64
 
 

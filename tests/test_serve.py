@@ -1,19 +1,16 @@
-"""lmforge serve: the runner against transformers, the engine's batching, and the HTTP API end to end."""
+"""lmforge serve: the HTTP API end to end over the inference engine (tests/test_infer.py tests the engine)."""
 from __future__ import annotations
 
 import asyncio
 import json
 import random
-import threading
 import time
 
 import httpx
 import pytest
 import torch
 
-from conftest import run_cli, save_tiny, start_server, stop_server
-from lmforge.serve.engine import Engine, QueueFull, Request, SamplingParams
-from lmforge.serve.runner import Runner
+from conftest import greedy_reference, run_cli, save_tiny, start_server, stop_server
 
 KEY = "sk-test-key"
 
@@ -42,148 +39,6 @@ def server(tiny):
 
 def auth(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-def greedy_reference(model, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens from transformers' own forward with its KV cache, EOS treated as an ordinary token."""
-    out, past, x = [], None, torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(n):
-            res = model(x, cache=past, use_cache=True)
-            past, t = res.past_key_values, int(res.logits[0, -1].argmax())
-            out.append(t)
-            x = torch.tensor([[t]])
-    return out
-
-
-def run_engine(engine: Engine, reqs: list[tuple[list[int], SamplingParams]], stagger: float = 0.0):
-    """Submit requests (optionally staggered, so they join a running batch) and collect each one's events."""
-    events = [[] for _ in reqs]
-    done = threading.Semaphore(0)
-
-    def sink(k):
-        def f(ev):
-            events[k].append(ev)
-            if ev.finish_reason is not None and sum(e.finish_reason is not None for e in events[k]) == reqs[k][1].n:
-                done.release()
-        return f
-
-    engine.start()
-    try:
-        for k, (ids, p) in enumerate(reqs):
-            engine.submit(Request(list(ids), p, sink(k)))
-            time.sleep(stagger)
-        for _ in reqs:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
-    return events
-
-
-# ---- runner and engine -------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_runner_logits_equal_transformers(arch):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    torch.manual_seed(0)
-    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
-    cfg = LlamaConfig(**kw) if arch == "llama" else Qwen2Config(**kw, use_sliding_window=False)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    if arch == "qwen2":  # non-zero q/k/v biases, so the fused bias is exercised
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.5)
-    runner = Runner(model, max_slots=3, max_len=256)
-    a, b = list(range(5, 40)), list(range(50, 61))
-
-    def last_logits(ids):
-        with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0, -1]
-
-    with torch.no_grad():
-        full_a = model(torch.tensor([a])).logits[0]
-    _, [pa] = runner.forward([], [(0, a, True)])  # a prompt alone, every position's logits (echo)
-    torch.testing.assert_close(pa, full_a, atol=1e-4, rtol=1e-4)
-    d, [pb] = runner.forward([(7, len(a))], [(1, b, False)])  # slot 0 decodes while b is prefilled into slot 1
-    torch.testing.assert_close(d[0], last_logits(a + [7]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(pb[0], last_logits(b), atol=1e-4, rtol=1e-4)
-    d, _ = runner.forward([(8, len(a) + 1), (9, len(b))], [])  # two rows of different lengths in one step
-    torch.testing.assert_close(d[0], last_logits(a + [7, 8]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(d[1], last_logits(b + [9]), atol=1e-4, rtol=1e-4)
-
-
-def test_unsupported_architecture_is_a_clear_error():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lmforge.serve.runner import check_supported
-
-    with pytest.raises(ValueError, match="serving supports llama, mistral, qwen2 models; this one is 'gpt2'"):
-        check_supported(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)).config)
-
-
-def test_continuous_batching_equals_generate_greedy(hf):
-    """Requests of different lengths join a running batch at different steps and leave it at different steps
-    (so KV slots are reused and moved); every one still equals model.generate greedy, token for token."""
-    model, tok = hf
-    rng = random.Random(0)
-    prompts = [tok("".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 40)))).input_ids for _ in range(12)]
-    lengths = [rng.randint(5, 30) for _ in prompts]
-    engine = Engine(model, tok, [], max_batch=5, max_prefill_tokens=64)
-    reqs = [(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(prompts, lengths)]
-    events = run_engine(engine, reqs, stagger=0.01)
-    for (p, n), evs in zip(zip(prompts, lengths), events):
-        tokens = [t for e in evs for t in e.token_ids]
-        assert tokens == greedy_reference(model, p, n)
-        assert evs[-1].finish_reason == "length"
-    assert engine.running == [] and len(engine.waiting) == 0
-
-
-def test_sampling_seeds_top_k_and_stop(hf):
-    model, tok = hf
-    ids = tok("hello world").input_ids
-    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
-    runs = run_engine(Engine(model, tok, []), [(ids, seeded), (ids, seeded),
-                                               (ids, SamplingParams(max_tokens=20, temperature=1.0, seed=8,
-                                                                    ignore_eos=True)),
-                                               (ids, SamplingParams(max_tokens=20, temperature=1.5, top_k=1,
-                                                                    ignore_eos=True)),
-                                               (ids, SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6,
-                                                                    ignore_eos=True))])
-    toks = [[t for e in evs for t in e.token_ids] for evs in runs]
-    assert toks[0] == toks[1] and toks[0] != toks[2]
-    greedy = greedy_reference(model, ids, 20)
-    assert toks[3] == greedy and toks[4] == greedy  # top_k=1 and a tiny top_p leave only the argmax
-
-    text = tok.decode(greedy)
-    stop = text[6:9]
-    evs = run_engine(Engine(model, tok, []), [(ids, SamplingParams(max_tokens=20, temperature=0, stop=[stop],
-                                                                   ignore_eos=True))])[0]
-    out = "".join(e.text for e in evs)
-    assert out == text[: text.index(stop)] and evs[-1].finish_reason == "stop"
-
-
-def test_queue_full_and_cancel_free_the_slot(hf):
-    model, tok = hf
-    engine = Engine(model, tok, [], max_batch=1, max_queue=1)
-    p = SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True)
-    first, second = Request(tok("a").input_ids, p, lambda ev: None), Request(tok("b").input_ids, p, lambda ev: None)
-    engine.start()
-    try:
-        engine.submit(first)
-        deadline = time.monotonic() + 30
-        while not engine.running and time.monotonic() < deadline:
-            time.sleep(0.01)
-        engine.submit(second)  # the batch is full: it waits
-        with pytest.raises(QueueFull):
-            engine.submit(Request(tok("c").input_ids, p, lambda ev: None))
-        first.cancelled = True
-        while not (engine.running and engine.running[0].req is second) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert [s.req for s in engine.running] == [second] and not engine.waiting  # it took the freed slot
-    finally:
-        second.cancelled = True
-        engine.stop()
 
 
 # ---- HTTP API ----------------------------------------------------------------------------------
@@ -413,31 +268,6 @@ def test_n_choices_echo_only_and_chat_logprobs(server, hf):
     assert content[0]["logprob"] == pytest.approx(content[0]["top_logprobs"][0]["logprob"])  # greedy took the top
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_batch_equals_model_generate(smollm2_cache, monkeypatch):
-    """The real model: six chat prompts decoded together (joining at different steps) give exactly
-    model.generate's greedy tokens, EOS included."""
-    from lmforge.generate import eos_ids
-    from lmforge.model.load import load_model, load_tokenizer
-
-    monkeypatch.setenv("LMFORGE_CACHE", str(smollm2_cache))
-    model, tok = load_model("smollm2-135m-instruct").eval(), load_tokenizer("smollm2-135m-instruct")
-    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
-                 "What is 12 times 7?", "Who wrote Hamlet?", "Give one tip for sleeping well."]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False) for q in questions]
-    stops = eos_ids(model, tok)
-    events = run_engine(Engine(model, tok, stops, max_batch=4), [
-        (p, SamplingParams(max_tokens=40, temperature=0)) for p in prompts], stagger=0.05)
-    for p, evs in zip(prompts, events):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-        assert [t for e in evs for t in e.token_ids] == ref
-        assert "".join(e.text for e in evs) == tok.decode(ref, skip_special_tokens=True)
-    assert "Paris" in "".join(e.text for e in events[0])
-
-
 def test_serves_a_lora_adapter_merged_on_its_base(tiny, hf, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -459,19 +289,3 @@ def test_serves_a_lora_adapter_merged_on_its_base(tiny, hf, tmp_path):
     assert r["model"] == str(tmp_path / "adapter")
 
 
-def test_an_engine_failure_aborts_the_requests_in_flight_and_keeps_serving(hf):
-    model, tok = hf
-    engine = Engine(model, tok, [])
-    real, calls = engine.runner.forward, []
-
-    def fail_once(*a):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected")
-        return real(*a)
-
-    engine.runner.forward = fail_once
-    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    [first, second] = run_engine(engine, [(tok("a").input_ids, p)]) + run_engine(engine, [(tok("b").input_ids, p)])
-    assert [e.finish_reason for e in first] == ["abort"]
-    assert second[-1].finish_reason == "length" and sum(len(e.token_ids) for e in second) == 3

@@ -12,10 +12,10 @@ import torch
 from pydantic import ValidationError
 
 from conftest import synthetic_text
-from lmforge.tokens.chat import CHATML_TEMPLATE
+from lmforge.tokens.chat import ALPACA, ALPACA_INPUT, CHATML_TEMPLATE
 from lmforge.tokens.tokenizer import train_bpe
-from lmforge.train.sft_data import (ALPACA, ALPACA_INPUT, IGNORE, SFTDataConfig, TrainBatches, batch_tokens, collate,
-                                    eval_batches, load_sft_data, train_batches)
+from lmforge.train.sft_data import (IGNORE, SFTDataConfig, TrainBatches, batch_tokens, collate, eval_batches,
+                                    load_sft_data, train_batches)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -76,6 +76,8 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":  # a validator's own message: drop pydantic's "Value error, " prefix
+            msg = msg.removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{key}: {msg}{shown}")
@@ -83,13 +85,11 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None,
-                defaults: dict | None = None) -> M:
-    """Build `model` from defaults, then the YAML file, then the overrides, in that order."""
-    tree: dict = {}
-    for key, value in (defaults or {}).items():
+                flags: dict | None = None) -> M:
+    """Build `model` from its defaults, then the YAML file, then `flags` ({key.path: value}), then the overrides."""
+    tree: dict = read_yaml(path) if path is not None else {}
+    for key, value in (flags or {}).items():
         set_dotted(tree, key.split("."), value)
-    if path is not None:
-        _merge(tree, read_yaml(path))
     for item in overrides or []:
         keys, value = parse_override(item)
         set_dotted(tree, keys, value)
@@ -97,14 +97,6 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
         return model.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
 
 
 def _type_name(ann) -> str:

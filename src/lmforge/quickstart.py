@@ -11,8 +11,10 @@ import sysconfig
 import time
 from pathlib import Path
 
-from lmforge.config import load_config
-from lmforge.train.config import PretrainConfig
+from pydantic import Field
+
+from lmforge.command import Command
+from lmforge.config import Strict, load_config
 
 # The demo model: big enough to learn Python's surface in two minutes on two cores.
 DEMO_MODEL = {"model.preset": None, "model.hidden_size": 192, "model.num_layers": 4, "model.num_heads": 6,
@@ -38,6 +40,7 @@ def stdlib_corpus(max_bytes: int = 6_000_000) -> list[Path]:
 
 def _steps_for_budget(cfg_items: dict, out_dir: Path, seconds: float) -> int:
     """Time a 20-step calibration run, then size the real run to the budget."""
+    from lmforge.train.config import PretrainConfig
     from lmforge.train.pretrain import pretrain
 
     probe = dict(cfg_items, **{"out_dir": str(out_dir / "calibration"), "train.max_steps": 20, "train.log_every": 10,
@@ -55,9 +58,10 @@ def _steps_for_budget(cfg_items: dict, out_dir: Path, seconds: float) -> int:
 
 
 def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, seed: int = 1337) -> dict:
-    from lmforge.generate import generate
+    from lmforge.infer import generate
     from lmforge.tokens.shards import write_shards
     from lmforge.tokens.tokenizer import train_bpe
+    from lmforge.train.config import PretrainConfig
     from lmforge.train.pretrain import pretrain
 
     t0 = time.perf_counter()
@@ -100,3 +104,24 @@ def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, see
           f"{tokens / summary['elapsed_s']:,.0f} tokens/s")
     print(f"next:       lmforge generate {out_dir / 'run'} 'import '")
     return {"summary": summary, "sample": sample, "elapsed_s": elapsed, "ppl_before": ppl0, "ppl_after": ppl1}
+
+
+class QuickstartConfig(Strict):
+    data: str | None = Field(None, description="your own .txt/.jsonl file or directory instead of the embedded corpus")
+    out: Path = Field(Path("runs/quickstart"), description="output directory")
+    minutes: float = Field(2.0, gt=0, description="training time budget in minutes")
+    seed: int = Field(1337, description="seeds the model, the data order and the sample")
+
+
+def run_quickstart(cfg: QuickstartConfig) -> int:
+    quickstart(out_dir=cfg.out, data=cfg.data, minutes=cfg.minutes, seed=cfg.seed)
+    return 0
+
+
+COMMANDS = [
+    Command("quickstart", "tokenizer + tokenize + pretrain + sample on an embedded corpus, in minutes",
+            lambda: QuickstartConfig, run_quickstart,
+            description="Train a BPE tokenizer, tokenize, pretrain a small model on CPU for a few minutes, print val "
+                        "perplexity before and after and a sample. Default corpus: the Python standard library's own "
+                        "source files."),
+]

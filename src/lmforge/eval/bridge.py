@@ -81,11 +81,9 @@ def task_names(specs: list[str]) -> tuple[list[str], list[str]]:
     return names, include
 
 
-def evaluate_with_lm_eval(spec: str, specs: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
-                          device: str = "auto", max_length: int | None = None) -> dict[str, dict]:
-    """Run the tasks through lm-eval's simple_evaluate; {task: {metric: value, ...}} in lmforge's result shape."""
+def lm_eval_tasks(specs: list[str]):
+    """(task names, lm-eval TaskManager) for names or YAML paths; unknown tasks fail here, before a model loads."""
     try:
-        from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise RuntimeError("--bridge lm-eval needs lm-eval: pip install 'lmforge[eval]'") from None
@@ -94,12 +92,16 @@ def evaluate_with_lm_eval(spec: str, specs: list[str], *, limit: float | None = 
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise ValueError(f"lm-eval does not know task(s) {', '.join(unknown)}")
-    em = EvalModel.load(spec, device=device, max_length=max_length)
-    try:
-        res = simple_evaluate(model=lm_eval_model(em), tasks=names, num_fewshot=num_fewshot, limit=limit,
-                              task_manager=manager, log_samples=False)
-    finally:
-        em.close()
+    return names, manager
+
+
+def evaluate_with_lm_eval(em: EvalModel, names: list[str], manager, *, limit: float | None = None,
+                          num_fewshot: int | None = None) -> dict[str, dict]:
+    """Run the tasks through lm-eval's simple_evaluate; {task: {metric: value, ...}} in lmforge's result shape."""
+    from lm_eval import simple_evaluate
+
+    res = simple_evaluate(model=lm_eval_model(em), tasks=names, num_fewshot=num_fewshot, limit=limit,
+                          task_manager=manager, log_samples=False)
     results = {}
     for task, metrics in res["results"].items():
         r = {"n_samples": res.get("n-samples", {}).get(task, {}).get("effective"),

@@ -170,12 +170,16 @@ def _generation_scores(task: T.Task, doc: dict, result) -> dict[str, float]:
     return scores
 
 
-def evaluate(model, specs: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
-             data_dir: Path | None = None, log=print) -> dict[str, dict]:
-    """Load and run every task; {task name: results}."""
-    loaded = [T.load_task(s, data_dir) for s in specs]  # every definition is checked before any model time
+def load_tasks(specs: list[str], data_dir: Path | None = None) -> list[T.Task]:
+    """Every task definition and its data, checked before a model is loaded."""
+    return [T.load_task(s, data_dir) for s in specs]
+
+
+def evaluate(model, tasks: list[T.Task], *, limit: float | None = None, num_fewshot: int | None = None,
+             log=print) -> dict[str, dict]:
+    """Run every task; {task name: results}."""
     results = {}
-    for task in loaded:
+    for task in tasks:
         t0 = time.perf_counter()
         results[task.name] = run_task(model, task, limit, num_fewshot)
         results[task.name]["seconds"] = round(time.perf_counter() - t0, 2)

@@ -4,8 +4,8 @@ Scores equal lm-eval's (tests/test_eval_tasks.py) but cost less. A multiple-choi
 runs once for all its choices: one row holds the context and every choice, and an attention mask lets
 each choice see only the context and itself (lm-eval runs one row per choice). Only the positions that
 predict a continuation token go through the output head. Llama, Mistral and Qwen2 layouts run on the
-serving runner (fused, prepacked weights); other models run through transformers, one row per request.
-Generation uses the serving engine (continuous batching, stop strings).
+inference runner (fused, prepacked weights); other models run through transformers, one row per request.
+Generation goes through lmforge.infer's Generator (the continuous-batching engine, stop strings).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.eval.perplexity import rolling_windows
+from lmforge.infer import Generator, InferenceModel, Runner, SamplingParams, load_for_inference
 
 HEAD_ROWS = 1024  # positions per output-head chunk: bounds the (rows, vocab) logits in memory
 # Tokens per scoring pass. On CPU small batches win (activations stay in cache: 2,048 scored a 200-question
@@ -35,29 +36,22 @@ class _Group:
 class EvalModel:
     """A loaded model and tokenizer with lm-eval's request semantics; `load` builds one from a model spec."""
 
-    def __init__(self, model, tokenizer, max_length: int | None = None, batch_tokens: int | None = None):
-        from lmforge.serve.runner import check_supported
-
-        self.model, self.tok = model, tokenizer
-        self.device = next(model.parameters()).device
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    def __init__(self, m: InferenceModel, max_length: int | None = None, batch_tokens: int | None = None):
+        self.m, self.model, self.tok = m, m.model, m.tokenizer
+        self.device, self.dtype = m.device, m.dtype
+        self.max_length = max_length or m.max_positions
         self.batch_tokens = batch_tokens or BATCH_TOKENS.get(self.device.type, 4096)
-        try:
-            check_supported(model.config)
-            self.fast = True
-        except ValueError:
-            self.fast = False
-        self._runner = None
-        self._engine = None
+        self.fast = m.runner_supported
+        self._runner: Runner | None = None
+        self._generator: Generator | None = None
+        tokenizer = m.tokenizer
         self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
-    def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int | None = None):
-        from lmforge.model.load import load_model, load_tokenizer
-        from lmforge.device import pick_device
-
-        model = load_model(spec, dtype=torch.float32, device=pick_device(device), merge_adapter=True).eval()
-        return cls(model, load_tokenizer(spec), max_length, batch_tokens)
+    def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int | None = None,
+             dtype: str = "auto"):
+        """The model of `spec` on the inference dtype policy: float32 on CPU, bfloat16 on CUDA, unless `dtype`."""
+        return cls(load_for_inference(spec, device, dtype), max_length, batch_tokens)
 
     # ---- tokenization (lm-eval's TemplateLM) -------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -183,7 +177,6 @@ class EvalModel:
     def _hidden(self, ids, pos, mask, lengths):
         if self.fast:
             if self._runner is None:
-                from lmforge.serve.runner import Runner
                 self._runner = Runner(self.model, max_slots=1, max_len=self.max_length)
             return self._runner.hidden(ids, pos, mask)
         attention = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
@@ -204,45 +197,14 @@ class EvalModel:
             raise ValueError(f"max_gen_toks {max_gen_toks} must be less than the {self.max_length}-token window")
         keep = self.max_length - max_gen_toks
         prompts = [self.encode(c)[-keep:] for c in contexts]
-        if not self.fast:
-            return [self._hf_generate(p, until, max_gen_toks) for p in prompts]
-        if not prompts:
-            return []
-        from lmforge.serve.engine import SamplingParams, run_batch
-
-        engine = self._generation_engine(max(map(len, prompts)))
+        if self._generator is None:  # one request per row on transformers' path, as lm-eval's `hf` runs them
+            self._generator = Generator(self.m, max_batch=32, max_model_len=self.max_length,
+                                        max_prefill_tokens=4096, fallback_batch=1)
         params = SamplingParams(max_tokens=max_gen_toks, temperature=0.0, stop=[u for u in until if u])
-        return run_batch(engine, [(p, params) for p in prompts])
-
-    def _generation_engine(self, longest_prompt: int):
-        from lmforge.generate import eos_ids
-        from lmforge.serve.engine import Engine
-
-        if self._engine is None:
-            self._engine = Engine(self.model, self.tok, eos_ids(self.model, self.tok), max_batch=32,
-                                  max_queue=1 << 30, max_model_len=self.max_length,
-                                  max_prefill_tokens=max(4096, longest_prompt))
-            self._engine.start()
-        self._engine.max_prefill_tokens = max(self._engine.max_prefill_tokens, longest_prompt)
-        return self._engine
-
-    def _hf_generate(self, prompt: list[int], until: list[str], max_gen_toks: int) -> str:
-        from lmforge.generate import eos_ids
-
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_gen_toks,
-                                  do_sample=False, eos_token_id=eos_ids(self.model, self.tok),
-                                  pad_token_id=self.prefix_token_id, stop_strings=[u for u in until if u] or None,
-                                  tokenizer=self.tok)
-        text = self.tok.decode(out[0, len(prompt):], skip_special_tokens=True)
-        for u in until:
-            if u:
-                text = text.split(u)[0]
-        return text
+        return [c.text for c in self._generator.generate(prompts, params)]
 
     def close(self) -> None:
         """Stop the generation engine thread, if one started."""
-        if self._engine is not None:
-            self._engine.stop()
-            self._engine = None
-
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None

@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import threading
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -19,24 +18,29 @@ from pydantic import Field
 from lmforge.config import Strict
 
 
-
 class ServeConfig(Strict):
-    """Everything `lmforge serve` takes; a --config YAML uses these names, command-line flags override it."""
-    model: str
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: list[str] = Field(default_factory=list)
-    served_model_name: list[str] = Field(default_factory=list)
-    max_batch: int = Field(32, ge=1, le=1024)
-    max_queue: int = Field(256, ge=0)
-    max_model_len: int | None = Field(None, ge=16)
-    max_prefill_tokens: int = Field(1024, ge=16)
-    request_timeout: float = Field(600.0, gt=0)
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    threads: int | None = Field(None, ge=1)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    backend: Literal["lmforge", "vllm"] = "lmforge"
+    """Everything `lmforge serve` takes, as config keys; every key is also a --flag."""
+    model: str = Field(description="model spec: alias, .gguf, HF directory, run or LoRA adapter (merged at load)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    api_key: list[str] = Field(default_factory=list, description="require 'Authorization: Bearer KEY' on /v1, "
+                                                                 "/generate, /tokenize, /detokenize (repeatable)")
+    served_model_name: list[str] = Field(default_factory=list, description="name(s) clients send as `model` "
+                                                                           "(empty: MODEL as given)")
+    max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together")
+    max_queue: int = Field(256, ge=0, description="requests that may wait; more get 429")
+    max_model_len: int | None = Field(None, ge=16, description="context window: prompt + max_tokens (None: the "
+                                                               "model's)")
+    max_prefill_tokens: int = Field(1024, ge=16, description="prompt tokens prefilled per step")
+    request_timeout: float = Field(600.0, gt=0, description="seconds before a request is abandoned with 408")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body cap; larger gets 413")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (None: all cores; give each "
+                                                        "replica its share when several run on one machine)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto: bfloat16 on CUDA, float32 elsewhere")
+    backend: Literal["lmforge", "vllm"] = Field("lmforge", description="vllm: run vLLM's own server with these "
+                                                                       "settings")
 
 
 def vllm_command(cfg: ServeConfig, model_dir: str) -> tuple[list[str], dict]:
@@ -68,20 +72,11 @@ def _exec_vllm(cfg: ServeConfig) -> int:
 
 def _load(cfg: ServeConfig, state, server) -> None:
     """Load model and tokenizer, start the engine, mark the server ready; on failure stop the server."""
-    import torch
-
-    from lmforge.generate import eos_ids
-    from lmforge.model.load import load_model, load_tokenizer
-    from lmforge.serve.engine import Engine
-    from lmforge.device import pick_device
+    from lmforge.infer import Engine, load_for_inference
 
     try:
-        device = pick_device(cfg.device)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        tok = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, dtype=dtype, device=device, merge_adapter=True).eval()
-        engine = Engine(model, tok, eos_ids(model, tok), max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+        m = load_for_inference(cfg.model, cfg.device, cfg.dtype)
+        engine = Engine(m.model, m.tokenizer, m.eos_ids, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                         max_model_len=cfg.max_model_len, max_prefill_tokens=cfg.max_prefill_tokens,
                         threads=cfg.threads, metrics=state.metrics)
     except Exception as e:  # any load failure: one line, then the server stops
@@ -90,10 +85,10 @@ def _load(cfg: ServeConfig, state, server) -> None:
         server.should_exit = True
         return
     engine.start()
-    state.tokenizer, state.engine = tok, engine
-    n = sum(p.numel() for p in model.parameters())
-    print(f"ready: {state.names[0]} ({n / 1e6:.0f}M params, {device}, {dtype}) at http://{cfg.host}:{server.config.port}"
-          f"/v1 (max batch {cfg.max_batch}, max model len {engine.max_model_len})", flush=True)
+    state.tokenizer, state.engine = m.tokenizer, engine
+    print(f"ready: {state.names[0]} ({m.n_params / 1e6:.0f}M params, {m.device}, {m.dtype}) at "
+          f"http://{cfg.host}:{server.config.port}/v1 (max batch {cfg.max_batch}, "
+          f"max model len {engine.max_model_len})", flush=True)
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -102,11 +97,14 @@ def serve(cfg: ServeConfig) -> int:
         return _exec_vllm(cfg)
     import uvicorn
 
+    from lmforge.device import pick_device
     from lmforge.model.load import resolve
-    from lmforge.serve.api import ServerState, create_app
+    from lmforge.serve.api import create_app
     from lmforge.serve.metrics import Metrics
+    from lmforge.serve.state import ServerState
 
     resolve(cfg.model)  # a missing path or unknown alias fails here, before the port opens
+    pick_device(cfg.device, key="device")  # and so does a device that is not there
     names = cfg.served_model_name or [cfg.model]
     state = ServerState(names=names, metrics=Metrics(names[0]), api_keys=cfg.api_key,
                         request_timeout=cfg.request_timeout, max_body_bytes=cfg.max_body_bytes)
@@ -121,19 +119,3 @@ def serve(cfg: ServeConfig) -> int:
     if state.engine is not None:
         state.engine.stop()
     return 2 if state.load_error else 0
-
-
-def load_serve_config(path: str | Path | None, flags: dict) -> ServeConfig:
-    """The YAML file's settings, then the flags that were given (None or [] means not given)."""
-    from pydantic import ValidationError
-
-    from lmforge.config import ConfigError, format_validation_error, read_yaml
-
-    tree = read_yaml(path) if path else {}
-    tree.update({k: v for k, v in flags.items() if v is not None and v != []})
-    if "model" not in tree:
-        raise ConfigError("serve needs a MODEL argument (or `model:` in the --config file)")
-    try:
-        return ServeConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None

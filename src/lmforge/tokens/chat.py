@@ -1,4 +1,4 @@
-"""Chat templates: the tokenizer's own, or ChatML for tokenizers that ship none."""
+"""Prompt templates: chat templates (the tokenizer's own, or ChatML for tokenizers that ship none) and Alpaca's."""
 from __future__ import annotations
 
 # ChatML (the format SmolLM2, Qwen and many others use), with a {% generation %} block so that
@@ -21,3 +21,18 @@ def ensure_chat_template(tokenizer, template: str | None = None):
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+# Alpaca's prompt (Stanford alpaca's train.py), the variant with an ### Input section and the one without.
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_template(instruction: str, inp: str = "") -> str:
+    """The Alpaca prompt, up to and including `### Response:\n` (the variant with ### Input when `inp` is set)."""
+    if inp.strip():
+        return ALPACA_INPUT.format(instruction=instruction, input=inp)
+    return ALPACA.format(instruction=instruction)

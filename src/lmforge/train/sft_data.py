@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from lmforge.config import Strict
 from lmforge.data.readers import (ReadReport, is_hf_dataset, list_inputs, open_binary, open_hf_dataset,
                                   split_suffix)
+from lmforge.tokens.chat import alpaca_template
 
 if TYPE_CHECKING:
     import torch
@@ -35,11 +36,6 @@ IGNORE = -100  # target of a position without loss (the cross-entropy ignore_ind
 RECORD_FORMATS = (".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 VAL_KEY = 2**32 - 1  # the validation permutation's rng key: one no epoch uses (epochs are keyed [seed, epoch])
-ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                "context. Write a response that appropriately completes the request.\n\n"
-                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
 class SFTDataConfig(Strict):
@@ -209,13 +205,6 @@ def alpaca_prompt(record: dict) -> tuple[str, str]:
     if not isinstance(inp, str):
         raise _Skip("non_string_input")
     return alpaca_template(instruction, inp), output
-
-
-def alpaca_template(instruction: str, inp: str = "") -> str:
-    """The Alpaca prompt, up to and including `### Response:\n` (the variant with ### Input when `inp` is set)."""
-    if inp.strip():
-        return ALPACA_INPUT.format(instruction=instruction, input=inp)
-    return ALPACA.format(instruction=instruction)
 
 
 def chat_messages(record: dict, system_prompt: str | None) -> list[dict]:

@@ -1,9 +1,9 @@
 """Prompts in, each model's answers out: generated once, batched, and cached in OUT_DIR/answers.jsonl.
 
 An answer is keyed by the model spec, the prompt's hash and the generation settings, so a rerun
-generates nothing, and a new model, prompt or setting generates only what is missing. Llama, Mistral
-and Qwen2 models generate through the serving engine (continuous batching); others through
-transformers' `generate` on left-padded batches.
+generates nothing, and a new model, prompt or setting generates only what is missing. Generation is
+lmforge.infer's Generator: the continuous-batching engine for Llama, Mistral and Qwen2, transformers'
+`generate` on left-padded batches for others.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HF_BATCH = 8  # prompts per `generate` call on the fallback path
+HF_BATCH = 8  # prompts per transformers `generate` call, for architectures the engine does not cover
 
 
 @dataclass(frozen=True)
@@ -107,83 +107,22 @@ def load_cache(path: Path) -> dict[tuple[str, str, str], str]:
     return cache
 
 
-def _prompt_ids(tok, prompt: Prompt, template: str) -> list[int]:
-    if template == "chat":
-        text = tok.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
-                                       tokenize=False)
-        return tok.encode(text, add_special_tokens=False)
-    if template == "alpaca":
-        from lmforge.train.sft_data import alpaca_template
-        return tok.encode(alpaca_template(prompt.instruction, prompt.input))
-    return tok.encode(prompt.text)
-
-
-def _with_engine(model, tok, stops: list[int], ids: list[list[int]], seeds: list[int], s: Settings) -> list[str]:
-    """Answers through the continuous-batching engine: all prompts queued at once."""
-    import torch
-
-    from lmforge.serve.engine import Engine, SamplingParams, run_batch
-
-    engine = Engine(model, tok, stops, max_batch=min(len(ids), 32), max_queue=len(ids),
-                    threads=torch.get_num_threads())  # the engine thread uses the caller's CPU thread count
-    requests = []
-    for k, p in enumerate(ids):
-        room = engine.max_model_len - len(p)
-        if room <= 0:
-            raise ValueError(f"prompt {k + 1} is {len(p)} tokens, as long as the model's context "
-                             f"({engine.max_model_len}); shorten it")
-        requests.append((p, SamplingParams(max_tokens=min(s.max_new_tokens, room), temperature=s.temperature,
-                                           seed=seeds[k] if s.temperature > 0 else None)))
-    engine.start()
-    try:
-        return run_batch(engine, requests)
-    finally:
-        engine.stop()
-
-
-def _with_generate(model, tok, stops: list[int], ids: list[list[int]], seeds: list[int], s: Settings) -> list[str]:
-    """Answers through transformers' `generate`, left-padded batches of HF_BATCH prompts."""
-    import torch
-
-    dev = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0]
-    greedy = s.temperature <= 0
-    out = []
-    for start in range(0, len(ids), HF_BATCH):
-        chunk = ids[start:start + HF_BATCH]
-        width = max(map(len, chunk))
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
-        torch.manual_seed(seeds[start])
-        with torch.no_grad():
-            gen = model.generate(input_ids, attention_mask=mask, max_new_tokens=s.max_new_tokens,
-                                 do_sample=not greedy, temperature=None if greedy else s.temperature,
-                                 top_k=None, top_p=None, eos_token_id=stops or None, pad_token_id=pad)
-        for row in gen[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), len(row))
-            out.append(tok.decode(row[:end], skip_special_tokens=True))
-    return out
-
-
 def generate_answers(model, tok, prompts: list[Prompt], s: Settings, engine: bool | None = None) -> list[str]:
     """One answer per prompt from a loaded model; engine None: the engine when it supports the model."""
-    from lmforge.generate import eos_ids
-    from lmforge.serve.runner import check_supported
+    from lmforge.infer import Generator, InferenceModel, SamplingParams, prompt_ids
 
-    ids = [_prompt_ids(tok, p, s.template) for p in prompts]
-    # the engine samples each prompt from its own seed, so its answer does not depend on what else is generated
-    seeds = [(s.seed + int(p.id, 16)) % 2**63 for p in prompts]
-    if engine is None:
-        try:
-            check_supported(model.config)
-            engine = True
-        except ValueError:
-            engine = False
-    return (_with_engine if engine else _with_generate)(model, tok, eos_ids(model, tok), ids, seeds, s)
+    ids = [prompt_ids(tok, p.instruction if s.template == "alpaca" else p.text, s.template, p.input)
+           for p in prompts]
+    # each prompt samples from its own seed, so its answer does not depend on what else is generated
+    params = [SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature,
+                             seed=(s.seed + int(p.id, 16)) % 2**63 if s.temperature > 0 else None) for p in prompts]
+    m = InferenceModel.of(model, tok)
+    with Generator(m, max_batch=max(1, min(len(ids), 32)), fallback_batch=HF_BATCH, engine=engine) as g:
+        return [c.text for c in g.generate(ids, params)]
 
 
 def ensure_answers(models: list[str], prompts: list[Prompt], s: Settings, cache_path: Path,
-                   device: str = "auto") -> tuple[dict[tuple[str, str], str], int, int]:
+                   device: str = "auto", dtype: str = "auto") -> tuple[dict[tuple[str, str], str], int, int]:
     """Every model's answer to every prompt, generating only those not in the cache file (appended to it).
 
     Returns ({(model, prompt id): answer}, generated, reused).
@@ -194,7 +133,7 @@ def ensure_answers(models: list[str], prompts: list[Prompt], s: Settings, cache_
     for model_spec in models:
         missing = [p for p in prompts if (model_spec, p.id, key) not in cache]
         if missing:
-            texts = _generate_for(model_spec, missing, s, device)
+            texts = _generate_for(model_spec, missing, s, device, dtype)
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             with open(cache_path, "a", encoding="utf-8") as f:
                 for p, text in zip(missing, texts):
@@ -207,23 +146,20 @@ def ensure_answers(models: list[str], prompts: list[Prompt], s: Settings, cache_
     return answers, generated, len(answers) - generated
 
 
-def _generate_for(model_spec: str, prompts: list[Prompt], s: Settings, device: str) -> list[str]:
+def _generate_for(model_spec: str, prompts: list[Prompt], s: Settings, device: str, dtype: str) -> list[str]:
     import gc
 
     import torch
 
-    from lmforge.model.load import load_model, load_tokenizer
-    from lmforge.device import pick_device
+    from lmforge.infer import load_for_inference
 
     started = time.monotonic()
-    dev = pick_device(device)
-    tok = load_tokenizer(model_spec)
-    model = load_model(model_spec, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev,
-                       merge_adapter=True).eval()
-    texts = generate_answers(model, tok, prompts, s)
-    del model
+    m = load_for_inference(model_spec, device, dtype)
+    texts = generate_answers(m.model, m.tokenizer, prompts, s)
+    cuda = m.device.type == "cuda"
+    del m
     gc.collect()
-    if dev.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
     print(f"{model_spec}: {len(prompts)} answers generated in {time.monotonic() - started:.1f} s", flush=True)
     return texts

@@ -14,6 +14,7 @@ import random
 import secrets
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
@@ -124,14 +125,70 @@ class Session:
     rounds: int = 1000
 
 
+@lru_cache(maxsize=1)
+def _templates() -> Environment:
+    """The page templates; autoescape on, nothing marked safe."""
+    return Environment(loader=DictLoader(TEMPLATES), autoescape=True)
+
+
+def _page(request: Request, name: str, **ctx) -> HTMLResponse:
+    """A rendered page (with the flash message a redirect asked for), setting the voter cookie on a first visit."""
+    flash = FLASH.get(request.query_params.get("done", ""))
+    response = HTMLResponse(_templates().get_template(name).render(flash=flash, **ctx))
+    if COOKIE not in request.cookies:
+        response.set_cookie(COOKIE, secrets.token_hex(16), max_age=365 * 86400, httponly=True, samesite="lax")
+    return response
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise VoteError(f"form body over {MAX_FORM_BYTES} bytes", status=413)
+    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+
+
+def _voter(request: Request) -> str:
+    return request.cookies.get(COOKIE, "anonymous")[:64]
+
+
+class _Draws:
+    """Which prompt and models a page shows: one seeded generator, shared by every request thread."""
+
+    def __init__(self, session: Session):
+        self.session, self.rng, self.lock = session, random.Random(session.seed), threading.Lock()
+        self.pairs = list(itertools.combinations(session.models, 2))
+
+    def pair(self) -> tuple[Prompt, str, str]:
+        with self.lock:
+            prompt = self.rng.choice(self.session.prompts)
+            a, b = self.rng.sample(self.rng.choice(self.pairs), 2)
+        return prompt, a, b
+
+    def one(self) -> tuple[Prompt, str]:
+        with self.lock:
+            return self.rng.choice(self.session.prompts), self.rng.choice(self.session.models)
+
+
+class _Board:
+    """The leaderboard, computed once per change of the votes however many people reload."""
+
+    def __init__(self, session: Session):
+        self.session, self.lock, self.version, self.value = session, threading.Lock(), None, None
+
+    def __call__(self) -> tuple[list[Row], bool, int, int]:
+        s = self.session
+        with self.lock:
+            version = s.store.version()
+            if self.version != version:
+                votes, scores = s.store.votes(), s.store.scores()
+                rows = leaderboard(votes, scores, s.models, rounds=s.rounds, seed=s.seed)
+                self.version, self.value = version, (rows, identified(votes, s.models), len(votes), len(scores))
+            return self.value
+
+
 def create_app(session: Session) -> FastAPI:
     """The FastAPI app: / (vote), /rate, /results, /results.csv, /health."""
-    env = Environment(loader=DictLoader(TEMPLATES), autoescape=True)
-    rng = random.Random(session.seed)
-    rng_lock = threading.Lock()
-    pairs = list(itertools.combinations(session.models, 2))
-    results: dict = {"version": None}
-    results_lock = threading.Lock()
+    draws, board = _Draws(session), _Board(session)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
@@ -139,32 +196,6 @@ def create_app(session: Session) -> FastAPI:
         response = await call_next(request)
         response.headers.update(HEADERS)
         return response
-
-    def page(request: Request, name: str, **ctx) -> HTMLResponse:
-        flash = FLASH.get(request.query_params.get("done", ""))
-        response = HTMLResponse(env.get_template(name).render(flash=flash, **ctx))
-        if COOKIE not in request.cookies:
-            response.set_cookie(COOKIE, secrets.token_hex(16), max_age=365 * 86400, httponly=True, samesite="lax")
-        return response
-
-    async def form(request: Request) -> dict[str, str]:
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
-            raise VoteError(f"form body over {MAX_FORM_BYTES} bytes", status=413)
-        return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-
-    def voter(request: Request) -> str:
-        return request.cookies.get(COOKIE, "anonymous")[:64]
-
-    def board() -> tuple[list[Row], bool, int, int]:
-        with results_lock:  # one computation per change of the votes, however many people reload
-            version = session.store.version()
-            if results["version"] != version:
-                votes, scores = session.store.votes(), session.store.scores()
-                rows = leaderboard(votes, scores, session.models, rounds=session.rounds, seed=session.seed)
-                results.update(version=version, value=(rows, identified(votes, session.models), len(votes),
-                                                      len(scores)))
-            return results["value"]
 
     @app.exception_handler(VoteError)
     async def vote_error(request: Request, e: VoteError):
@@ -176,39 +207,35 @@ def create_app(session: Session) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def compare(request: Request):
-        with rng_lock:
-            prompt = rng.choice(session.prompts)
-            a, b = rng.sample(rng.choice(pairs), 2)
+        prompt, a, b = draws.pair()
         token = session.store.show(prompt.id, a, b)
-        return page(request, "pair.html", title="Compare", prompt=prompt.text, token=token,
-                    answer_a=session.answers[(a, prompt.id)], answer_b=session.answers[(b, prompt.id)])
+        return _page(request, "pair.html", title="Compare", prompt=prompt.text, token=token,
+                     answer_a=session.answers[(a, prompt.id)], answer_b=session.answers[(b, prompt.id)])
 
     @app.post("/vote")
     async def vote(request: Request):
-        fields = await form(request)
-        await run_in_threadpool(session.store.vote, fields.get("token", ""), fields.get("winner", ""), voter(request))
+        fields = await _form(request)
+        await run_in_threadpool(session.store.vote, fields.get("token", ""), fields.get("winner", ""), _voter(request))
         return RedirectResponse("/?done=vote", status_code=303)
 
     @app.get("/rate", response_class=HTMLResponse)
     def rate_page(request: Request):
-        with rng_lock:
-            prompt = rng.choice(session.prompts)
-            model = rng.choice(session.models)
+        prompt, model = draws.one()
         token = session.store.show(prompt.id, model)
-        return page(request, "rate.html", title="Rate", prompt=prompt.text, answer=session.answers[(model, prompt.id)],
-                    token=token, rubric=RUBRIC)
+        return _page(request, "rate.html", title="Rate", prompt=prompt.text,
+                     answer=session.answers[(model, prompt.id)], token=token, rubric=RUBRIC)
 
     @app.post("/rate")
     async def rate(request: Request):
-        fields = await form(request)
-        await run_in_threadpool(session.store.rate, fields.get("token", ""), fields.get("score", ""), voter(request))
+        fields = await _form(request)
+        await run_in_threadpool(session.store.rate, fields.get("token", ""), fields.get("score", ""), _voter(request))
         return RedirectResponse("/rate?done=rating", status_code=303)
 
     @app.get("/results", response_class=HTMLResponse)
     def results_page(request: Request):
         rows, fitted, n_votes, n_scores = board()
-        return page(request, "results.html", title="Results", rows=rows, fitted=fitted, n_votes=n_votes,
-                    n_scores=n_scores, rounds=session.rounds)
+        return _page(request, "results.html", title="Results", rows=rows, fitted=fitted, n_votes=n_votes,
+                     n_scores=n_scores, rounds=session.rounds)
 
     @app.get("/results.csv")
     def results_csv():

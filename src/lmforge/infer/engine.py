@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from lmforge.serve.runner import Runner
+from lmforge.infer.runner import Runner
 
-log = logging.getLogger("lmforge.serve")
+log = logging.getLogger("lmforge.infer")
 SEED_STRIDE = 0x9E3779B97F4A7C15  # sequence i of a request with seed s draws from seed s + i * this
 IDLE_RELEASE_S = 30.0  # the KV cache is freed after this long without work; reallocating costs ~0.3 s
 
@@ -155,6 +155,10 @@ class Engine:
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
 
     # ---- thread interface --------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -430,28 +434,50 @@ class Engine:
             self.metrics.finished(reason, time.monotonic() - s.req.arrival)
 
 
-def run_batch(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[str]:
-    """Submit every (prompt ids, params) to a started engine and wait for all: each request's text, in order.
+@dataclass
+class Completion:
+    """One finished sequence: its text, its token ids (a stop token included) and why it ended (stop or length)."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str
 
-    For offline callers (evaluation, answer generation); RuntimeError when any request was aborted."""
-    texts: list[list[str]] = [[] for _ in requests]
+
+def run_batch(engine: Engine, requests: list[tuple[list[int], SamplingParams]],
+              on_event: Callable[[int, Event], None] | None = None) -> list[Completion]:
+    """Submit every (prompt ids, params) to a started engine and wait for all of them.
+
+    Returns each request's `n` completions, request by request. For offline callers (generation,
+    evaluation, answer generation); `on_event(request index, event)` sees every event as it comes (on
+    the engine thread). RuntimeError when any request was aborted."""
+    seqs = [[Completion("", [], "") for _ in range(params.n)] for _, params in requests]
+    live = [params.n for _, params in requests]  # sequences of each request still running
     failed: list[int] = []
-    left = threading.Semaphore(0)
+    done = threading.Condition()
 
     def sink_for(i: int):
         def sink(ev: Event) -> None:  # runs on the engine thread
-            texts[i].append(ev.text)
-            if ev.finish_reason is not None:
-                if ev.finish_reason not in ("stop", "length"):
+            c = seqs[i][ev.index]
+            c.text += ev.text
+            c.token_ids += ev.token_ids
+            if on_event is not None:
+                on_event(i, ev)
+            if ev.finish_reason is None:
+                return
+            c.finish_reason = ev.finish_reason
+            with done:
+                if ev.finish_reason in ("stop", "length"):
+                    live[i] -= 1
+                elif live[i]:  # aborted or timed out: the request's other sequences may never report
                     failed.append(i)
-                left.release()
+                    live[i] = 0
+                done.notify()
         return sink
 
     for i, (ids, params) in enumerate(requests):
         engine.submit(Request(ids, params, sink_for(i)))
-    for _ in requests:
-        left.acquire()
+    with done:
+        done.wait_for(lambda: not any(live))
     if failed:
         raise RuntimeError(f"generation failed for {len(failed)} of {len(requests)} prompts "
                            f"(first: #{min(failed) + 1}); see the log above")
-    return ["".join(t) for t in texts]
+    return [c for per_request in seqs for c in per_request]

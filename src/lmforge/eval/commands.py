@@ -1,0 +1,221 @@
+"""`lmforge eval tasks|compare|perplexity|human`: benchmarks, perplexity, run comparison and human ratings."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmforge.command import CliError, Command
+from lmforge.config import Strict
+from lmforge.infer.commands import DEVICE_HELP, DTYPE_HELP, Device, DType
+from lmforge.model.commands import MODEL_HELP
+
+
+class TasksConfig(Strict):
+    model: str = Field(description=MODEL_HELP)
+    tasks: list[str] = Field(description="built-in names (hellaswag, arc_easy, arc_challenge, mmlu, truthfulqa_mc1, "
+                                         "gsm8k, humaneval) or task YAML paths, comma-separated; with "
+                                         "bridge=lm-eval, any lm-eval task")
+    limit: float | None = Field(None, description="first N documents per task (a fraction when below 1)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt (None: the task's, else 0)")
+    data_dir: Path | None = Field(None, description="local data: DIR/<task>/<split>.jsonl replaces the task's hub "
+                                                    "dataset")
+    max_length: int | None = Field(None, ge=1, description="context window in tokens (None: the model's positions)")
+    batch_tokens: int | None = Field(None, ge=1, description="tokens per scoring forward pass (None: 2,048 on CPU, "
+                                                             "16,384 on GPU)")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    dtype: DType = Field("auto", description=DTYPE_HELP)
+    bridge: Literal["lm-eval"] | None = Field(None, description="run the tasks with lm-eval-harness itself, on the "
+                                                                "model lmforge loaded (needs the `eval` extra)")
+    out: Path | None = Field(None, description="write the results (with this config) to this JSON file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_task_file(cls, data):
+        """An lm-eval task YAML given where the command's config goes: say where it belongs."""
+        if isinstance(data, dict) and ("task" in data or "dataset_path" in data) and "tasks" not in data:
+            raise ValueError("this YAML defines an lm-eval task, not an `eval tasks` config: give it as "
+                             "tasks=FILE (or --tasks FILE)")
+        return data
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split(cls, v):
+        """`a,b` and [a, b] alike; flags may repeat (--tasks a --tasks b)."""
+        items = [v] if isinstance(v, str) else v
+        if isinstance(items, list) and all(isinstance(t, str) for t in items):
+            items = [t.strip() for item in items for t in item.split(",") if t.strip()]
+            if not items:
+                raise ValueError("give at least one task name or task YAML")
+        return items
+
+
+class CompareConfig(Strict):
+    run_a: str = Field(description="results JSON of `eval tasks` or lm-eval (or a directory holding one)")
+    run_b: str = Field(description="results JSON of `eval tasks` or lm-eval (or a directory holding one)")
+
+
+class PerplexityConfig(Strict):
+    model: str = Field(description=MODEL_HELP)
+    data: Path = Field(description=".txt (one document), .jsonl (`text` per line) or .json list")
+    max_length: int | None = Field(None, description="tokens per window (None: the model's positions)")
+    stride: int | None = Field(None, description="tokens each window predicts (None: max_length, as lm-eval)")
+    batch_size: int | None = Field(None, description="windows per forward pass (None: 2,048 tokens' worth on CPU, "
+                                                     "16,384 on GPU)")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    dtype: DType = Field("auto", description=DTYPE_HELP)
+    out: Path | None = Field(None, description="write the numbers (with this config) to this JSON file")
+
+
+class HumanConfig(Strict):
+    models: list[str] = Field(description="two or more model specs (alias, .gguf, HF directory, run, adapter)")
+    prompts: Path = Field(description=".jsonl (`prompt`, or `instruction` + `input`, per line), .json list (e.g. "
+                                      "Alpaca's) or .txt (one prompt per line)")
+    out: Path = Field(Path("eval-human"), description="directory for answers.jsonl, votes.sqlite and config.yaml")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    max_new_tokens: int = Field(256, description="longest answer in tokens")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
+    template: Literal["chat", "alpaca", "none"] = Field(
+        "chat", description="prompt format: chat = one user turn in the model's chat template; alpaca = ### "
+                            "Instruction / ### Response; none = the prompt as plain text")
+    seed: int = Field(0, description="seeds sampling (with temperature) and which pairs are shown")
+    device: Device = Field("auto", description="where the answers are generated: " + DEVICE_HELP)
+    dtype: DType = Field("auto", description=DTYPE_HELP)
+
+
+def run_tasks(cfg: TasksConfig) -> int:
+    from lmforge.eval import harness
+    from lmforge.eval.lm import EvalModel
+    from lmforge.eval.tasks import TaskError
+
+    if cfg.data_dir and not cfg.data_dir.is_dir():
+        raise CliError(f"--data-dir {cfg.data_dir}: no such directory")
+    t0 = time.perf_counter()
+    try:
+        if cfg.bridge == "lm-eval":  # task definitions fail here, before the model loads
+            from lmforge.eval.bridge import evaluate_with_lm_eval, lm_eval_tasks
+
+            names, manager = lm_eval_tasks(cfg.tasks)
+        else:
+            tasks = harness.load_tasks(cfg.tasks, cfg.data_dir)
+        model = EvalModel.load(cfg.model, device=cfg.device, max_length=cfg.max_length,
+                               batch_tokens=cfg.batch_tokens, dtype=cfg.dtype)
+        try:
+            if cfg.bridge == "lm-eval":
+                results = evaluate_with_lm_eval(model, names, manager, limit=cfg.limit, num_fewshot=cfg.num_fewshot)
+            else:
+                results = harness.evaluate(model, tasks, limit=cfg.limit, num_fewshot=cfg.num_fewshot)
+        finally:
+            model.close()
+    except TaskError as e:
+        raise CliError(str(e)) from None
+    seconds = time.perf_counter() - t0
+    print(harness.table(results))
+    print(f"{cfg.model}: {len(results)} task(s) in {seconds:.1f} s")
+    if cfg.out:
+        _write_json(cfg.out, {"model": cfg.model, "dtype": _dtype_name(model.dtype), "results": results,
+                              "config": cfg.model_dump(mode="json"), "seconds": round(seconds, 2)})
+    return 0
+
+
+def run_compare(cfg: CompareConfig) -> int:
+    from lmforge.eval import harness
+
+    rows = harness.compare(harness.read_results(cfg.run_a), harness.read_results(cfg.run_b))
+    if not rows:
+        raise CliError(f"{cfg.run_a} and {cfg.run_b} share no task metric to compare")
+    print(harness.compare_table(rows, cfg.run_a, cfg.run_b))
+    return 0
+
+
+def run_perplexity(cfg: PerplexityConfig) -> int:
+    from dataclasses import asdict
+
+    from lmforge.eval.lm import EvalModel
+    from lmforge.eval.perplexity import read_documents, score
+
+    docs = read_documents(cfg.data)
+    if cfg.max_length is not None and cfg.max_length < 1:
+        raise CliError(f"--max-length must be at least 1, got {cfg.max_length}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    model = EvalModel.load(cfg.model, device=cfg.device, max_length=cfg.max_length, dtype=cfg.dtype)
+    if cfg.batch_size:
+        model.batch_tokens = cfg.batch_size * model.max_length
+    r = score(model, docs, cfg.stride)
+    print(f"{r.documents} documents, {r.tokens:,} tokens, {r.words:,} words, {r.bytes:,} bytes "
+          f"(max length {model.max_length}, stride {cfg.stride or model.max_length})")
+    for key in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        print(f"{key:<18} {getattr(r, key):.4f}")
+    if cfg.out:
+        _write_json(cfg.out, {"model": cfg.model, "data": str(cfg.data), "dtype": _dtype_name(model.dtype),
+                              "max_length": model.max_length, "stride": cfg.stride or model.max_length, **asdict(r),
+                              "config": cfg.model_dump(mode="json")})
+    return 0
+
+
+def run_human(cfg: HumanConfig) -> int:
+    from lmforge.config import dump_config
+    from lmforge.eval.human.answers import Settings, ensure_answers, read_prompts
+    from lmforge.eval.human.app import Session, serve
+    from lmforge.eval.human.store import Store
+    from lmforge.model.load import resolve
+
+    if len(cfg.models) < 2:
+        raise CliError(f"--models needs at least 2 models to compare, got {len(cfg.models)}")
+    if len(set(cfg.models)) < len(cfg.models):
+        raise CliError("--models names the same model twice")
+    if cfg.max_new_tokens < 1:
+        raise CliError("--max-new-tokens must be at least 1")
+    prompts = read_prompts(cfg.prompts)
+    for m in cfg.models:
+        resolve(m)  # a missing path or unknown alias fails here, before any model is loaded
+    out = cfg.out
+    settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.template)
+    answers, generated, reused = ensure_answers(cfg.models, prompts, settings, out / "answers.jsonl", cfg.device,
+                                                cfg.dtype)
+    dump_config(cfg, out / "config.yaml")
+    print(f"answers: {generated} generated, {reused} reused ({len(prompts)} prompts x {len(cfg.models)} models) "
+          f"in {out / 'answers.jsonl'}")
+    store = Store(out / "votes.sqlite", cfg.models)
+    print(f"votes: {out / 'votes.sqlite'}")
+    print(f"serving http://{cfg.host}:{cfg.port}/ (pairwise votes), /rate (1-5 ratings), /results (leaderboard, "
+          f"CSV); Ctrl-C stops", flush=True)
+    serve(Session(store, cfg.models, prompts, answers, seed=cfg.seed), cfg.host, cfg.port)
+    return 0
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+COMMANDS = [
+    Command("eval tasks", "benchmark tasks in lm-eval's YAML format (multiple choice, generate-until, code)",
+            lambda: TasksConfig, run_tasks, positionals=("model",),
+            description="Run lm-eval-format tasks (built-in names or task YAML files) on MODEL and print acc / "
+                        "acc_norm / exact_match / pass@1 with standard errors; out=F.json writes them with the "
+                        "resolved config and dtype."),
+    Command("eval compare", "per-metric deltas between two task runs, with their standard errors",
+            lambda: CompareConfig, run_compare, positionals=("run_a", "run_b"),
+            description="Compare two `eval tasks --out` files (or lm-eval results JSONs): B - A, the standard error "
+                        "of the difference and z."),
+    Command("eval perplexity", "rolling-window perplexity as lm-eval's loglikelihood_rolling scores it",
+            lambda: PerplexityConfig, run_perplexity, positionals=("model",),
+            description="Token, word and byte perplexity and bits per byte of MODEL on documents (lm-eval's "
+                        "definitions and windows)."),
+    Command("eval human", "web page for pairwise votes and 1-5 ratings; Elo and Bradley-Terry leaderboard",
+            lambda: HumanConfig, run_human, multi=("models",),
+            description="Generate each model's answer to every prompt once (cached in OUT/answers.jsonl), then serve "
+                        "a web page: / shows two anonymous answers to vote on, /rate one answer to rate 1-5, /results "
+                        "the leaderboard (online Elo, Bradley-Terry with bootstrap 95% intervals) and its CSV. Votes "
+                        "go to OUT/votes.sqlite, the resolved config to OUT/config.yaml."),
+]

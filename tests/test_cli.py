@@ -1,0 +1,216 @@
+"""The one command style: configs, key=value overrides, flags as aliases, help read from the models, dispatch."""
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, run_cli, save_tiny, stop_server, wait_healthy
+from lmforge.cli import commands, main
+from lmforge.command import CliError, parse
+from lmforge.config import config_reference
+
+LONG_RUNNING = ["pretrain", "finetune", "data run", "serve", "eval tasks", "eval perplexity", "eval human"]
+
+
+def command(name: str):
+    [cmd] = [c for c in commands() if c.name == name]
+    return cmd
+
+
+def dummy_args(cmd) -> list[str]:
+    """Values for a command's required positionals (never read: the tests stop before any work)."""
+    model = cmd.config()
+    return [f"x{i}" for i, k in enumerate(cmd.positionals) if model.model_fields[k].is_required()]
+
+
+def test_every_long_running_command_takes_a_config_and_overrides():
+    names = {c.name for c in commands()}
+    assert set(LONG_RUNNING) <= names
+    for name in LONG_RUNNING:
+        cmd = command(name)
+        assert cmd.config().model_config.get("extra") == "forbid", name  # a misspelt key is an error
+
+
+@pytest.mark.parametrize("cmd", commands(), ids=lambda c: c.name)
+def test_help_lists_every_key_with_type_and_default(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd.words, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for line in config_reference(cmd.config()):
+        assert line in out, (cmd.name, line)
+
+
+def test_a_misspelt_key_names_itself_in_every_command_before_torch_loads():
+    """Each command, in one fresh interpreter: exit 2, one line naming the key, and torch never imported."""
+    code = ("import sys, io, contextlib\nfrom lmforge.cli import commands, main\n"
+            "for cmd in commands():\n"
+            "    model = cmd.config()\n"
+            "    args = [f'x{i}' for i, k in enumerate(cmd.positionals) if model.model_fields[k].is_required()]\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        rc = main([*cmd.words, *args, 'nosuch_key=1'])\n"
+            "    print(cmd.name, '|', rc, '|', err.getvalue().strip().replace(chr(10), ' / '))\n"
+            "print('torch loaded:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    lines = out.strip().splitlines()
+    assert lines[-1] == "torch loaded: False"
+    assert len(lines) - 1 == len(commands())
+    for line in lines[:-1]:
+        name, rc, err = (part.strip() for part in line.split("|"))
+        assert rc == "2" and err.startswith("error: ") and "nosuch_key: unknown key" in err and " / " not in err, line
+
+
+def test_flags_are_aliases_of_keys_and_overrides_come_last(tmp_path):
+    serve = command("serve")
+    by_flag = parse(serve, ["m", "--port", "8001", "--api-key", "a", "--api-key", "b", "--max-model-len", "64"])
+    by_key = parse(serve, ["m", "port=8001", "api_key=[a, b]", "max_model_len=64"])
+    assert by_flag == by_key and by_flag.port == 8001 and by_flag.api_key == ["a", "b"]
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("model: from-yaml\nport: 7000\nmax_batch: 4\n")
+    got = parse(serve, [str(cfg), "--port", "7001", "max_batch=8"])
+    assert (got.model, got.port, got.max_batch) == ("from-yaml", 7001, 8)  # yaml < flags < key=value
+    assert parse(serve, ["--config", str(cfg), "other"]).model == "other"  # an argument beats the yaml too
+    assert parse(serve, ["--config", str(cfg), "port=1"]).port == 1
+    human = parse(command("eval human"), ["--models", "a", "b", "--prompts", "p.txt"])
+    assert human.models == ["a", "b"]
+    dedup = parse(command("data dedup"), ["in.jsonl", "out.jsonl", "--no-exact", "--bands", "20"])
+    assert (dedup.exact, dedup.near, dedup.bands, dedup.rows) == (False, True, 20, 8)
+    tasks = parse(command("eval tasks"), ["m", "--tasks", "a,b", "--tasks", "c"])
+    assert tasks.tasks == ["a", "b", "c"] and parse(command("eval tasks"), ["m", "tasks=[a, b]"]).tasks == ["a", "b"]
+
+
+def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
+    serve = command("serve")
+    with pytest.raises(CliError, match="serve needs a MODEL argument"):
+        parse(serve, [])
+    with pytest.raises(CliError, match="one argument too many"):
+        parse(serve, ["a", "b"])
+    with pytest.raises(CliError, match="unrecognized arguments: --prot"):
+        parse(serve, ["a", "--prot", "1"])
+    (tmp_path / "a.yaml").write_text("port: 1\n")
+    with pytest.raises(CliError, match="give one config file"):
+        parse(serve, [str(tmp_path / "a.yaml"), "--config", str(tmp_path / "a.yaml")])
+    for argv, message in [(["nosuch"], "unknown command 'nosuch'"), (["eval"], "choose one of tasks, compare"),
+                          (["eval", "nosuch"], "unknown subcommand 'nosuch'"),
+                          (["eval", "tasks", "m", str(ROOT / "configs/eval/gsm8k-local.yaml")],
+                           "defines an lm-eval task, not an `eval tasks` config")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+
+
+def test_top_level_and_group_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {c.name} " in out for c in commands())
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "eval tasks" in out and "pretrain" not in out
+
+
+@pytest.mark.parametrize("name,function,renamed", [
+    ("data crawl", "lmforge.data.crawl:crawl", {"user_agent": None}),  # None: crawl's DEFAULT_USER_AGENT
+    ("data extract", "lmforge.data.extract:extract_step", {}),
+    ("tokenizer train", "lmforge.tokens.tokenizer:train_bpe", {"out": "out_dir", "inputs": "paths"}),
+    ("tokenize", "lmforge.tokens.shards:write_shards", {"inputs": "paths", "tokenizer": "tokenizer_spec"}),
+    ("generate", "lmforge.infer.generation:generate_samples", {"model": "model_path", "input": "inp"}),
+    ("chat", "lmforge.infer.generation:chat", {"model": "spec"}),
+    ("export", "lmforge.model.export:export_model", {"model": "spec"}),
+    ("quickstart", "lmforge.quickstart:quickstart", {"out": "out_dir"}),
+])
+def test_command_defaults_equal_the_python_functions(name, function, renamed):
+    """A command's model and the function it calls state the same defaults (the model is what --help shows)."""
+    import importlib
+
+    module, attr = function.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    model = command(name).config()
+    checked = 0
+    for key, info in model.model_fields.items():
+        param = params.get(renamed.get(key, key) or "")
+        if param is None or param.default is inspect.Parameter.empty or info.is_required():
+            continue
+        default = info.get_default(call_default_factory=True)
+        assert default == param.default or (default in ([], None) and param.default in (None, ())) \
+            or str(default) == str(param.default), (name, key, default, param.default)
+        checked += 1
+    assert checked >= 1
+
+
+def test_serve_takes_a_config_file_and_key_value_overrides(tmp_path):
+    """`lmforge serve CONFIG.yaml port=N` (the README's way) with the example config, on a tiny model."""
+    tiny = save_tiny(tmp_path / "tiny", max_positions=4096)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "configs/serve/smollm2-cpu.yaml",
+                             f"model={tiny}", f"port={port}", "threads=1", "served_model_name=[tiny]"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", 120, "lmforge serve")
+        import httpx
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False).json()["data"]
+        assert [m["id"] for m in models] == ["tiny"] and models[0]["max_model_len"] == 2048  # from the yaml
+    finally:
+        out = stop_server(proc)
+    assert "ready: tiny" in out and "torch.float32" in out
+
+
+def test_serve_device_that_is_not_there_names_the_setting(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-device error cannot happen here")
+    p = run_cli("serve", str(save_tiny(tmp_path / "tiny")), "--device", "cuda", check=False, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip() == "error: device=cuda but no CUDA device is visible"
+    assert "loading" not in p.stdout  # refused before the port opened
+
+
+def test_the_layers_contract_catches_an_upward_import(tmp_path):
+    """lint-imports keeps the real package, and fails once a lower layer imports a higher one."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    if not lint.exists():
+        pytest.fail("lint-imports is missing: `make test` installs import-linter with the dev extra")
+    ok = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    load = tmp_path / "src" / "lmforge" / "model" / "load.py"
+    load.write_text(load.read_text() + "\n\ndef _upward():\n    from lmforge.serve import server  # noqa: F401\n")
+    env = {"PYTHONPATH": str(tmp_path / "src"), "PATH": str(Path(sys.executable).parent)}
+    broken = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert broken.returncode != 0, broken.stdout[-2000:]
+    assert "lmforge.model.load -> lmforge.serve.server" in broken.stdout, broken.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name,config", [("serve", "configs/serve/smollm2-cpu.yaml"),
+                                         ("eval tasks", "configs/eval/smollm2-tasks.yaml"),
+                                         ("eval perplexity", "configs/eval/smollm2-perplexity.yaml"),
+                                         ("eval human", "configs/eval/human.yaml"),
+                                         ("finetune", "configs/finetune/smollm2-lora-alpaca.yaml")])
+def test_example_configs_are_valid_for_their_command(name, config):
+    if name == "finetune" and not (ROOT.parent / "shared" / "data" / "alpaca_5000.json").is_file():
+        pytest.skip("the finetune example reads ../shared/data/alpaca_5000.json")
+    cfg = parse(command(name), [str(ROOT / config)])
+    assert cfg.model_fields_set  # the file's keys were read
+
+
+def test_eval_tasks_from_a_config_with_overrides_writes_the_resolved_config_and_dtype(tmp_path):
+    tiny = save_tiny(tmp_path / "tiny")
+    lmeval = ROOT / "tests" / "data" / "lmeval"
+    task = tmp_path / "mc.yaml"
+    task.write_text((lmeval / "lmforge_mc.yaml").read_text().replace("tests/data/lmeval/mc.jsonl",
+                                                                     str(lmeval / "mc.jsonl")))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {tiny}\ntasks: [{task}]\nlimit: 5\ndevice: cpu\nout: {tmp_path / 'r.json'}\n")
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    p = run_cli("eval", "tasks", str(cfg), "limit=3", env=offline)
+    assert "| lmforge_mc | 3 |" in p.stdout
+    import json
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["dtype"] == "float32" and got["config"]["limit"] == 3 and got["config"]["tasks"] == [str(task)]
+    assert got["config"]["model"] == str(tiny) and got["results"]["lmforge_mc"]["n_samples"] == 3
