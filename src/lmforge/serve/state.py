@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 
+from lmforge import infer
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.protocol import Message
 
@@ -86,10 +87,9 @@ def _message_dicts(messages: list[Message]) -> list[dict]:
 
 
 def chat_ids(state: ServerState, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    """The conversation's token ids as lmforge.infer renders every chat; 400 when the template rejects it."""
     try:
-        ids = state.tokenizer.apply_chat_template(_message_dicts(messages), add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True, return_dict=False)
+        return infer.chat_ids(state.tokenizer, _message_dicts(messages), add_generation_prompt)
     except Exception as e:  # a template that rejects this conversation (roles, order) is the request's fault
         raise ApiError(400, f"the chat template rejected these messages: {str(e).splitlines()[0][:200]}",
                        param="messages") from e
-    return list(ids)
