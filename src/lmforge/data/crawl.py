@@ -41,19 +41,20 @@ page is lost only when the process dies between sending its request and recordin
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import socket
 import sys
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
-from lmforge.data.base import Document
+from lmforge.data.base import Document, Skips
 from lmforge.data.urls import (DEFAULT_PORTS, address_refusal, allowed_networks, extract_links, in_domains,
                                normalize_url, robots_crawl_delay)
 from lmforge.data.warc import WarcFile, decode_html, is_html_type, url_id, warc_date
@@ -63,7 +64,6 @@ SKIP_REASONS = ("robots", "offsite", "non_html", "too_large", "error", "ssrf", "
                 "too_many_redirects", "duplicate", "invalid_url", "extraction_empty", "extraction_timeout",
                 "extraction_error", "interrupted")
 MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309: parse at least 500 KiB
-MAX_EXAMPLES = 3
 WARC_NAME, DOCS_NAME, STATE_NAME, REPORT_NAME = "crawl.warc.gz", "documents.jsonl", "crawl_state.jsonl", \
     "crawl_report.json"
 
@@ -83,17 +83,22 @@ class CrawlReport:
     seconds: float = 0.0      # wall time, summed over runs
     runs: int = 0             # 1 + times resumed
     frontier_left: int = 0    # URLs queued but not fetched (max_pages reached): a rerun continues
-    skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
-    examples: dict = field(default_factory=dict)  # reason -> first few URLs
+    skips: Skips = field(default_factory=lambda: Skips(Counter(dict.fromkeys(SKIP_REASONS, 0))))  # URLs by reason
+
+    @property
+    def skipped(self) -> Counter:
+        return self.skips.counts
+
+    @property
+    def examples(self) -> dict:
+        return self.skips.examples
 
     def skip(self, reason: str, url: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < MAX_EXAMPLES:
-            ex.append(url)
+        self.skips.add(reason, url)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skips"}
+        return {**d, "skipped": dict(self.skipped), "examples": copy.deepcopy(self.examples)}
 
 
 # ------------------------------------------------------------------------------------------------ state

@@ -8,6 +8,7 @@ together, and the steps after it run per shard on what survives.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -273,14 +274,11 @@ def _check_same_run(out: Path, plan: dict) -> None:
 
 def _aggregate(cfg: PipelineConfig, sources: list[str], listing: ReadReport, parts: list[dict], n_out: int) -> dict:
     """Sum the shard tasks' reports (and the dedup clustering's time) into the run's report."""
-    read = ReadReport(skipped=listing.skipped.copy(), examples=list(listing.examples))
+    read = copy.deepcopy(listing)
     steps: dict[str, StepStats] = {}
     for part in parts:
         if "read" in part:
-            read.n_docs += part["read"]["n_docs"]
-            for reason, n in part["read"]["skipped"].items():
-                read.skipped[reason] += n
-            read.examples += part["read"]["examples"][: max(0, 10 - len(read.examples))]
+            read.merge(ReadReport.from_dict(part["read"]))
         for name, s in part.get("steps", {}).items():
             steps.setdefault(name, StepStats(name)).merge(StepStats.from_dict(s))
         if "dedup_seconds" in part:  # signatures and clustering count as the dedup step's time

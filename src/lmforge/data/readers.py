@@ -25,12 +25,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.base import Document
+from lmforge.data.base import Document, Skips
 
 TEXT_FORMATS = (".txt", ".md", ".rst", ".py")
 FORMATS = (*TEXT_FORMATS, ".html", ".htm", ".jsonl", ".json", ".parquet", ".warc", ".wet")
 COMPRESSIONS = (".gz", ".zst", ".bz2")
-MAX_EXAMPLES = 3  # per reason
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a JSONL line or text file above this is skipped, not loaded
 
 
@@ -39,17 +38,39 @@ class ReadReport:
     """Counts of documents read and records skipped, by reason, with the first few locations."""
 
     n_docs: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
+    skips: Skips = field(default_factory=Skips)
+
+    @property
+    def skipped(self) -> Counter:
+        return self.skips.counts
+
+    @property
+    def examples(self) -> list[str]:
+        """The kept locations as "where: reason", in the order they were met."""
+        return [f"{where}: {reason}" for reason, where in self.skips.in_order()]
 
     def skip(self, reason: str, where: str) -> None:
         """Count one skipped record; the first few locations of each reason are kept."""
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= MAX_EXAMPLES:
-            self.examples.append(f"{where}: {reason}")
+        self.skips.add(reason, where)
+
+    def merge(self, other: "ReadReport", max_examples: int = 10) -> None:
+        """Add another shard's report; its locations are kept while there are fewer than `max_examples` in all."""
+        self.n_docs += other.n_docs
+        self.skips.counts.update(other.skips.counts)
+        for reason, where in other.skips.in_order()[: max(0, max_examples - len(self.skips.order))]:
+            self.skips.keep(reason, where)
 
     def to_dict(self) -> dict:
-        return {"n_docs": self.n_docs, "skipped": dict(self.skipped), "examples": list(self.examples)}
+        return {"n_docs": self.n_docs, "skipped": dict(self.skipped), "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReadReport":
+        report = cls(n_docs=d["n_docs"])
+        report.skips.counts.update(d["skipped"])
+        for line in d["examples"]:
+            where, reason = line.rsplit(": ", 1)  # a reason is one snake_case word
+            report.skips.keep(reason, where)
+        return report
 
 
 def split_suffix(path: Path) -> tuple[str | None, str | None]:
