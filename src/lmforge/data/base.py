@@ -3,7 +3,7 @@
 A step is a callable `step(docs, stats) -> docs` over an iterator of `Document`s (datatrove's
 shape). Filters are plain predicates wrapped by `filter_step`; transforms by `map_step`. Every
 dropped document is counted under a reason, with a few examples, in the step's `StepStats`.
-Readers (`readers.ReadReport`) and the crawler (`crawl.CrawlReport`) count what they skip
+Readers (`readers.ReadReport`) and the crawler (`crawl_state.CrawlReport`) count what they skip
 with the same `Skips`.
 """
 from __future__ import annotations
