@@ -141,20 +141,6 @@ def open_binary(path: Path, comp: str | None) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def _read_text_file(raw: bytes, where: str, report: ReadReport) -> str | None:
-    if not raw.strip():
-        report.skip("empty_file", where)
-        return None
-    if b"\x00" in raw[:8192]:
-        report.skip("binary_file", where)
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        report.skip("undecodable", where)
-        return None
-
-
 def _read_whole(path: Path, comp: str | None, report: ReadReport) -> bytes | None:
     """A whole (decompressed) file, or None when it is unreadable or larger than MAX_LINE_BYTES (counted)."""
     try:
@@ -311,6 +297,20 @@ def _record_to_doc(record, where: str, source: str, text_field: str, report: Rea
     rid = record.get("id")
     return Document(id=str(rid) if rid not in (None, "") else where, text=text, url=record.get("url"),
                     source=record.get("source") or source, meta=meta)
+
+
+def _read_text_file(raw: bytes, where: str, report: ReadReport) -> str | None:
+    if not raw.strip():
+        report.skip("empty_file", where)
+        return None
+    if b"\x00" in raw[:8192]:
+        report.skip("binary_file", where)
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        report.skip("undecodable", where)
+        return None
 
 
 def _file_documents(path: Path, text_field: str, report: ReadReport) -> Iterator[Document]:
