@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.crawl import (CrawlReport, address_refusal, crawl, extract_links, normalize_url,
-                                robots_crawl_delay)
+from lmforge.data.crawl import address_refusal, crawl, extract_links, normalize_url, robots_crawl_delay
+from lmforge.data.crawl_state import CrawlReport
 from lmforge.data.warc import WarcFile, WarcReadError, iter_warc_documents, url_id
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import xxhash
 
-from lmforge.data import dedup as D
+from lmforge.data import dedup_lsh as D
 from lmforge.data.base import Document, StepStats
-from lmforge.data.dedup import (DedupConfig, dedup_documents, dedup_filter, find_duplicates, normalize_url,
-                                normalized_words, write_signatures)
+from lmforge.data.dedup import dedup_documents, dedup_filter, write_signatures
+from lmforge.data.dedup_lsh import DedupConfig, find_duplicates
+from lmforge.data.dedup_text import normalize_url, normalized_words
 
 M64, MERSENNE = (1 << 64) - 1, (1 << 61) - 1
 

@@ -3,9 +3,12 @@
 A step is a callable `step(docs, stats) -> docs` over an iterator of `Document`s (datatrove's
 shape). Filters are plain predicates wrapped by `filter_step`; transforms by `map_step`. Every
 dropped document is counted under a reason, with a few examples, in the step's `StepStats`.
+Readers (`readers.ReadReport`) and the crawler (`crawl_state.CrawlReport`) count what they skip
+with the same `Skips`.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import Counter
@@ -34,6 +37,48 @@ class Document:
 
 
 @dataclass
+class Skips:
+    """Items skipped or dropped, counted by reason, with the first few locations of each reason.
+
+    `order` holds the reason of each kept location in the order they were met, so a report can list
+    the locations as they happened (`in_order`) as well as by reason (`examples`).
+    """
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)  # reason -> [location, ...], at most MAX_EXAMPLES each
+    order: list = field(default_factory=list)
+
+    def add(self, reason: str, where: str) -> None:
+        """Count one item under `reason`; its location is kept while the reason has fewer than MAX_EXAMPLES."""
+        self.counts[reason] += 1
+        if len(self.examples.get(reason, ())) < MAX_EXAMPLES:
+            self.keep(reason, where)
+
+    def keep(self, reason: str, where: str) -> None:
+        """Keep a location of `reason` without counting it (its count comes with it from another report)."""
+        self.examples.setdefault(reason, []).append(where)
+        self.order.append(reason)
+
+    def merge(self, other: "Skips") -> None:
+        """Add another part's counts; its locations fill each reason up to MAX_EXAMPLES."""
+        self.counts.update(other.counts)
+        for reason, where in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            taken = where[: MAX_EXAMPLES - len(mine)]
+            mine.extend(taken)
+            self.order += [reason] * len(taken)
+
+    def in_order(self) -> list[tuple[str, str]]:
+        """The kept (reason, location) pairs, in the order they were met."""
+        seen: Counter = Counter()
+        out = []
+        for reason in self.order:
+            out.append((reason, self.examples[reason][seen[reason]]))
+            seen[reason] += 1
+        return out
+
+
+@dataclass
 class StepStats:
     """What one step did: documents and bytes in and out, time, drop reasons with examples, errors."""
 
@@ -43,15 +88,19 @@ class StepStats:
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
-    drops: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)  # reason -> [doc id or "path:line", ...]
+    skips: Skips = field(default_factory=Skips)  # drops by reason, with doc ids or "path:line"
     counters: Counter = field(default_factory=Counter)  # step-specific counts (e.g. PII replacements)
 
+    @property
+    def drops(self) -> Counter:
+        return self.skips.counts
+
+    @property
+    def examples(self) -> dict:
+        return self.skips.examples
+
     def drop(self, reason: str, where: str) -> None:
-        self.drops[reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < MAX_EXAMPLES:
-            ex.append(where)
+        self.skips.add(reason, where)
 
     def merge(self, other: "StepStats") -> None:
         """Add another shard's stats for the same step."""
@@ -60,22 +109,21 @@ class StepStats:
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
         self.seconds += other.seconds
-        self.drops.update(other.drops)
+        self.skips.merge(other.skips)
         self.counters.update(other.counters)
-        for reason, ex in other.examples.items():
-            mine = self.examples.setdefault(reason, [])
-            mine.extend(ex[: MAX_EXAMPLES - len(mine)])
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["drops"], d["counters"] = dict(self.drops), dict(self.counters)
-        d["docs_per_sec"] = self.docs_in / self.seconds if self.seconds > 0 else None
-        return d
+        return {"name": self.name, "docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "seconds": self.seconds, "drops": dict(self.drops),
+                "examples": copy.deepcopy(self.examples), "counters": dict(self.counters),
+                "docs_per_sec": self.docs_in / self.seconds if self.seconds > 0 else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepStats":
-        d = {k: v for k, v in d.items() if k != "docs_per_sec"}
-        return cls(**{**d, "drops": Counter(d.get("drops", {})), "counters": Counter(d.get("counters", {}))})
+        examples = copy.deepcopy(d.get("examples", {}))
+        skips = Skips(Counter(d.get("drops", {})), examples, [r for r, where in examples.items() for _ in where])
+        numbers = {k: d[k] for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds") if k in d}
+        return cls(d["name"], **numbers, skips=skips, counters=Counter(d.get("counters", {})))
 
 
 class Step(Protocol):

@@ -8,6 +8,7 @@ together, and the steps after it run per shard on what survives.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
@@ -61,7 +62,7 @@ def build_step(name: str, opts: dict, check_only: bool = False) -> Step | None:
         from lmforge.data.extract import extract_step
         return None if check_only else extract_step(**opts)
     if name == "dedup":
-        from lmforge.data.dedup import DedupConfig
+        from lmforge.data.dedup_lsh import DedupConfig
         DedupConfig(**opts)
         return None
     from lmforge.data.filters import FILTERS
@@ -162,7 +163,8 @@ def run_first_half(cfg_dict: dict, shard: int, sources: list[str]) -> dict:
     n = write_documents(docs, target)
     payload = {"read": report.to_dict(), "steps": {name: s.to_dict() for name, s in stats.items()}, "n_out": n}
     if k is not None:
-        from lmforge.data.dedup import DedupConfig, write_signatures
+        from lmforge.data.dedup import write_signatures
+        from lmforge.data.dedup_lsh import DedupConfig
         dcfg = DedupConfig(**cfg.steps[k]["dedup"])
         t0 = time.perf_counter()
         write_signatures(read_stage(target), out / "_stage" / f"sig-{shard:05d}", shard, dcfg)
@@ -242,7 +244,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     clustering: dict = {}
     k = dedup_index(cfg.steps)
     if k is not None:
-        from lmforge.data.dedup import DedupConfig, find_duplicates
+        from lmforge.data.dedup_lsh import DedupConfig, find_duplicates
         stage = out / "_stage"
         clustering = _done(out, "dedup", 0) or {}
         if not clustering:
@@ -273,14 +275,11 @@ def _check_same_run(out: Path, plan: dict) -> None:
 
 def _aggregate(cfg: PipelineConfig, sources: list[str], listing: ReadReport, parts: list[dict], n_out: int) -> dict:
     """Sum the shard tasks' reports (and the dedup clustering's time) into the run's report."""
-    read = ReadReport(skipped=listing.skipped.copy(), examples=list(listing.examples))
+    read = copy.deepcopy(listing)
     steps: dict[str, StepStats] = {}
     for part in parts:
         if "read" in part:
-            read.n_docs += part["read"]["n_docs"]
-            for reason, n in part["read"]["skipped"].items():
-                read.skipped[reason] += n
-            read.examples += part["read"]["examples"][: max(0, 10 - len(read.examples))]
+            read.merge(ReadReport.from_dict(part["read"]))
         for name, s in part.get("steps", {}).items():
             steps.setdefault(name, StepStats(name)).merge(StepStats.from_dict(s))
         if "dedup_seconds" in part:  # signatures and clustering count as the dedup step's time
@@ -333,7 +332,8 @@ def run_single(specs: list[dict], in_path: str, out_path: Path, text_field: str 
     docs = iter_documents([in_path], text_field, report)
     stats: dict[str, StepStats] = {}
     if any("dedup" in s for s in specs):
-        from lmforge.data.dedup import DedupConfig, dedup_documents
+        from lmforge.data.dedup import dedup_documents
+        from lmforge.data.dedup_lsh import DedupConfig
         kept, stats["dedup"] = dedup_documents(list(docs), DedupConfig(**specs[0]["dedup"]))
         n = write_documents(kept, out_path)
     else:

@@ -8,10 +8,13 @@ directory of `lmforge data run` reads as its shards); `hf:NAME[:SPLIT]`
 or a `save_to_disk` directory reads an HF dataset. Every document gets a stable id (the record's
 own, else `file:location`), its `source` file and its `url` where known.
 
+Two levels: `iter_records` yields the raw records of the record formats with their location
+(`path:line`, `path:item i`, `path:row i`), which is what the SFT loader reads; `iter_documents`
+turns records, text files and WARC records into `Document`s.
+
 Bad input never stops a run: undecodable or binary files, truncated compressed files, malformed
 JSON lines, missing text fields and enormous lines are counted by reason in a `ReadReport`, with
-their path and line.
-"""
+their path and line."""
 
 from __future__ import annotations
 
@@ -25,12 +28,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.base import Document
+from lmforge.data.base import Document, Skips
 
 TEXT_FORMATS = (".txt", ".md", ".rst", ".py")
-FORMATS = (*TEXT_FORMATS, ".html", ".htm", ".jsonl", ".json", ".parquet", ".warc", ".wet")
+RECORD_FORMATS = (".jsonl", ".json", ".parquet")
+FORMATS = (*TEXT_FORMATS, ".html", ".htm", *RECORD_FORMATS, ".warc", ".wet")
 COMPRESSIONS = (".gz", ".zst", ".bz2")
-MAX_EXAMPLES = 3  # per reason
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a JSONL line or text file above this is skipped, not loaded
 
 
@@ -39,17 +42,39 @@ class ReadReport:
     """Counts of documents read and records skipped, by reason, with the first few locations."""
 
     n_docs: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
+    skips: Skips = field(default_factory=Skips)
+
+    @property
+    def skipped(self) -> Counter:
+        return self.skips.counts
+
+    @property
+    def examples(self) -> list[str]:
+        """The kept locations as "where: reason", in the order they were met."""
+        return [f"{where}: {reason}" for reason, where in self.skips.in_order()]
 
     def skip(self, reason: str, where: str) -> None:
         """Count one skipped record; the first few locations of each reason are kept."""
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= MAX_EXAMPLES:
-            self.examples.append(f"{where}: {reason}")
+        self.skips.add(reason, where)
+
+    def merge(self, other: "ReadReport", max_examples: int = 10) -> None:
+        """Add another shard's report; its locations are kept while there are fewer than `max_examples` in all."""
+        self.n_docs += other.n_docs
+        self.skips.counts.update(other.skips.counts)
+        for reason, where in other.skips.in_order()[: max(0, max_examples - len(self.skips.order))]:
+            self.skips.keep(reason, where)
 
     def to_dict(self) -> dict:
-        return {"n_docs": self.n_docs, "skipped": dict(self.skipped), "examples": list(self.examples)}
+        return {"n_docs": self.n_docs, "skipped": dict(self.skipped), "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReadReport":
+        report = cls(n_docs=d["n_docs"])
+        report.skips.counts.update(d["skipped"])
+        for line in d["examples"]:
+            where, reason = line.rsplit(": ", 1)  # a reason is one snake_case word
+            report.skips.keep(reason, where)
+        return report
 
 
 def split_suffix(path: Path) -> tuple[str | None, str | None]:
@@ -116,6 +141,146 @@ def open_binary(path: Path, comp: str | None) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
+def _read_whole(path: Path, comp: str | None, report: ReadReport) -> bytes | None:
+    """A whole (decompressed) file, or None when it is unreadable or larger than MAX_LINE_BYTES (counted)."""
+    try:
+        with open_binary(path, comp) as f:
+            raw = f.read(MAX_LINE_BYTES + 1)
+    except Exception as e:  # noqa: BLE001 - gzip, bz2 and zstd raise their own error types for corrupt input
+        report.skip("truncated_or_corrupt", f"{path}: {type(e).__name__}")
+        return None
+    if len(raw) > MAX_LINE_BYTES:
+        report.skip("file_too_large", str(path))
+        return None
+    return raw
+
+
+# ---- records: JSON lines, JSON, Parquet and HF dataset rows, with their location ------------------
+
+def _line_records(path: Path, comp: str | None, report: ReadReport) -> Iterator[tuple[str, object]]:
+    """One record per JSON line, streamed; blank lines are passed over, long and malformed ones counted."""
+    src = str(path)
+    with open_binary(path, comp) as f:
+        lineno = 0
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(line) > MAX_LINE_BYTES:
+                report.skip("line_too_long", f"{src}:{lineno}")
+                while line and not line.endswith(b"\n"):  # skip the rest of the line
+                    line = f.readline(MAX_LINE_BYTES)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                report.skip("invalid_json", f"{src}:{lineno}")
+                continue
+            yield f"{src}:{lineno}", record
+
+
+def _json_records(path: Path, comp: str | None, report: ReadReport,
+                  locate_line: bool) -> Iterator[tuple[str, object]]:
+    """The records of a file holding one JSON value, read whole: an array of records, or one record."""
+    src = str(path)
+    raw = _read_whole(path, comp, report)
+    if raw is None:
+        return
+    try:
+        records = json.loads(raw)
+    except ValueError as e:
+        report.skip("invalid_json", f"{src}:{getattr(e, 'lineno', '?')}" if locate_line else src)
+        return
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list):
+        report.skip("not_a_list", src)
+        return
+    for i, record in enumerate(records):
+        yield f"{src}:item {i}", record
+
+
+def _parquet_records(path: Path, report: ReadReport, text_column: str | None) -> Iterator[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_column is not None and text_column not in pf.schema_arrow.names:
+        report.skip("missing_text_column", f"{path} (columns: {', '.join(pf.schema_arrow.names)})")
+        return
+    row = 0
+    for batch in pf.iter_batches():
+        for record in batch.to_pylist():
+            yield f"{path}:row {row}", record
+            row += 1
+
+
+def _starts_array(path: Path, comp: str | None) -> bool:
+    """Whether the (decompressed) file's first non-whitespace byte opens a JSON array."""
+    with open_binary(path, comp) as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return chunk.lstrip()[:1] == b"["
+    return False
+
+
+def file_records(path: Path, report: ReadReport, text_column: str | None = None,
+                 json_lines: bool = False) -> Iterator[tuple[str, object]]:
+    """(location, record) for each record of one .jsonl, .json or .parquet file (optionally compressed).
+
+    JSON lines and Parquet are streamed; a .json file is one value read whole (up to MAX_LINE_BYTES):
+    an array of records, or one record. With `json_lines` (the SFT loader's rule) a .json file that
+    is not an array is read as JSON lines, and a broken array is located by its line. A Parquet file
+    without `text_column` is counted as missing_text_column. A file that cannot be read to its end
+    yields the records before the damage, then is counted as truncated_or_corrupt.
+    """
+    fmt, comp = split_suffix(path)
+    try:
+        if fmt == ".parquet":
+            yield from _parquet_records(path, report, text_column)
+        elif fmt == ".json" and (not json_lines or _starts_array(path, comp)):
+            yield from _json_records(path, comp, report, locate_line=json_lines)
+        else:
+            yield from _line_records(path, comp, report)
+    except Exception as e:  # noqa: BLE001 - gzip, bz2, zstd and pyarrow raise their own types for corrupt input
+        report.skip("truncated_or_corrupt", f"{path}: {type(e).__name__}")
+
+
+def open_hf_dataset(spec: str):
+    """`hf:NAME[:SPLIT]` (hub id, online only) or a `save_to_disk` directory, as one split (default train)."""
+    import datasets
+
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        return datasets.load_dataset(name, split=split or "train")
+    ds = datasets.load_from_disk(spec)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    return ds
+
+
+def hf_records(spec: str) -> Iterator[tuple[str, object]]:
+    """(location, record) for each row of an HF dataset (see `open_hf_dataset`)."""
+    for i, record in enumerate(open_hf_dataset(spec)):
+        yield f"{spec}:row {i}", record
+
+
+def iter_records(paths: str | Path | Iterable[str | Path], report: ReadReport,
+                 json_lines: bool = False) -> Iterator[tuple[str, object]]:
+    """(location, record) for each record of `paths`: JSON lines, JSON and Parquet files, HF datasets.
+
+    Other files are counted as unsupported_file; `json_lines` as in `file_records`.
+    """
+    for item in list_inputs(paths, report):
+        if isinstance(item, str):
+            yield from hf_records(item)
+        elif split_suffix(item)[0] in RECORD_FORMATS:
+            yield from file_records(item, report, json_lines=json_lines)
+        else:
+            report.skip("unsupported_file", str(item))
+
+
+# ---- documents ------------------------------------------------------------------------------------
+
 def _record_to_doc(record, where: str, source: str, text_field: str, report: ReadReport) -> Document | None:
     if isinstance(record, str):
         record = {text_field: record}
@@ -155,98 +320,20 @@ def _file_documents(path: Path, text_field: str, report: ReadReport) -> Iterator
         from lmforge.data.warc import iter_warc_documents
 
         yield from iter_warc_documents(path, report)
-        return
-    if fmt == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            report.skip("missing_text_column", f"{path} (columns: {', '.join(pf.schema_arrow.names)})")
-            return
-        row = 0
-        for batch in pf.iter_batches():
-            for record in batch.to_pylist():
-                doc = _record_to_doc(record, f"{src}:row {row}", src, text_field, report)
-                row += 1
-                if doc:
-                    yield doc
-        return
-    try:
-        with open_binary(path, comp) as f:
-            if fmt == ".jsonl":
-                lineno = 0
-                while True:
-                    line = f.readline(MAX_LINE_BYTES + 1)
-                    if not line:
-                        break
-                    lineno += 1
-                    if len(line) > MAX_LINE_BYTES:
-                        report.skip("line_too_long", f"{src}:{lineno}")
-                        while line and not line.endswith(b"\n"):  # skip the rest of the line
-                            line = f.readline(MAX_LINE_BYTES)
-                        continue
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        report.skip("invalid_json", f"{src}:{lineno}")
-                        continue
-                    doc = _record_to_doc(record, f"{src}:{lineno}", src, text_field, report)
-                    if doc:
-                        yield doc
-                return
-            raw = f.read(MAX_LINE_BYTES + 1)
-    except (EOFError, OSError, gzip.BadGzipFile) as e:  # truncated or corrupt compressed stream
-        report.skip("truncated_or_corrupt", f"{src}: {type(e).__name__}")
-        return
-    except Exception as e:  # noqa: BLE001 - zstd/bz2 raise their own error types for corrupt input
-        report.skip("truncated_or_corrupt", f"{src}: {type(e).__name__}")
-        return
-    if len(raw) > MAX_LINE_BYTES:
-        report.skip("file_too_large", src)
-        return
-    if fmt == ".json":
-        try:
-            records = json.loads(raw)
-        except ValueError:
-            report.skip("invalid_json", src)
-            return
-        if isinstance(records, dict):
-            records = [records]
-        if not isinstance(records, list):
-            report.skip("not_a_list", src)
-            return
-        for i, record in enumerate(records):
-            doc = _record_to_doc(record, f"{src}:item {i}", src, text_field, report)
-            if doc:
+    elif fmt in RECORD_FORMATS:
+        for where, record in file_records(path, report, text_column=text_field):
+            if doc := _record_to_doc(record, where, src, text_field, report):
                 yield doc
-        return
-    text = _read_text_file(raw, src, report)
-    if text is None:
-        return
-    meta = {"format": "html"} if fmt in (".html", ".htm") else {}
-    yield Document(id=src, text=text, source=src, meta=meta)
-
-
-def open_hf_dataset(spec: str):
-    """`hf:NAME[:SPLIT]` (hub id, online only) or a `save_to_disk` directory, as one split (default train)."""
-    import datasets
-
-    if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        return datasets.load_dataset(name, split=split or "train")
-    ds = datasets.load_from_disk(spec)
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    return ds
+    elif (raw := _read_whole(path, comp, report)) is not None:
+        if (text := _read_text_file(raw, src, report)) is not None:
+            meta = {"format": "html"} if fmt in (".html", ".htm") else {}
+            yield Document(id=src, text=text, source=src, meta=meta)
 
 
 def _hf_documents(spec: str, text_field: str, report: ReadReport) -> Iterator[Document]:
     """The documents of an HF dataset (see `open_hf_dataset`)."""
-    for i, record in enumerate(open_hf_dataset(spec)):
-        doc = _record_to_doc(record, f"{spec}:row {i}", spec, text_field, report)
-        if doc:
+    for where, record in hf_records(spec):
+        if doc := _record_to_doc(record, where, spec, text_field, report):
             yield doc
 
 

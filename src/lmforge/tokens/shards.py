@@ -90,7 +90,6 @@ def write_shards(
 
     report = ReadReport()
     docs = _with_last(iter_texts(paths, text_field, report))
-    n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     files = {split: open(out_dir / f"{split}.bin.tmp", "wb") for split in SPLITS}
     try:
         first = next(docs, None)
@@ -99,26 +98,10 @@ def write_shards(
         text, is_last = first
         if is_last:
             split_by = "tokens"
-            ids = encode_batch(tok, [text])[0]
-            n_train = int(len(ids) * (1 - val_fraction))
-            for split, part in zip(SPLITS, (ids[:n_train], ids[n_train:])):
-                np.array(part, dtype=dtype).tofile(files[split])
-                n_tokens[split], n_docs[split] = len(part), int(len(part) > 0)
+            n_tokens, n_docs = _write_split_by_tokens(tok, text, val_fraction, dtype, files)
         else:
             split_by = "documents"
-            for batch in _batches(chain([first], docs)):
-                by_split = {split: [] for split in SPLITS}
-                for ids, (_, last) in zip(encode_batch(tok, [text for text, _ in batch]), batch):
-                    i = n_docs["train"] + n_docs["val"]
-                    val = val_fraction > 0 and (_is_val(i, val_fraction) or (last and n_docs["val"] == 0))
-                    split = "val" if val else "train"
-                    by_split[split].append(ids)
-                    n_docs[split] += 1
-                for split, seqs in by_split.items():
-                    count = sum(map(len, seqs)) + len(seqs)
-                    flat = chain.from_iterable(chain(ids, (eos,)) for ids in seqs)
-                    np.fromiter(flat, dtype=dtype, count=count).tofile(files[split])
-                    n_tokens[split] += count
+            n_tokens, n_docs = _write_split_by_documents(tok, chain([first], docs), val_fraction, eos, dtype, files)
     finally:
         for f in files.values():
             f.close()
@@ -139,6 +122,44 @@ def write_shards(
     for name in [f"{split}.bin" for split in SPLITS] + ["meta.json"]:
         (out_dir / f"{name}.tmp").replace(out_dir / name)
     return meta
+
+
+def _write_split_by_tokens(tok, text: str, val_fraction: float, dtype: np.dtype,
+                           files: dict) -> tuple[dict, dict]:
+    """One document cut by tokens: the first int(n * (1 - val_fraction)) to train, the rest to val, no EOS.
+
+    Returns (n_tokens, n_docs) per split.
+    """
+    n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    ids = encode_batch(tok, [text])[0]
+    n_train = int(len(ids) * (1 - val_fraction))
+    for split, part in zip(SPLITS, (ids[:n_train], ids[n_train:])):
+        np.array(part, dtype=dtype).tofile(files[split])
+        n_tokens[split], n_docs[split] = len(part), int(len(part) > 0)
+    return n_tokens, n_docs
+
+
+def _write_split_by_documents(tok, docs: Iterator[tuple[str, bool]], val_fraction: float, eos: int,
+                              dtype: np.dtype, files: dict) -> tuple[dict, dict]:
+    """Whole documents, each followed by EOS, every (1/val_fraction)-th to val (the last too if val is empty).
+
+    Returns (n_tokens, n_docs) per split.
+    """
+    n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    for batch in _batches(docs):
+        by_split = {split: [] for split in SPLITS}
+        for ids, (_, last) in zip(encode_batch(tok, [text for text, _ in batch]), batch):
+            i = n_docs["train"] + n_docs["val"]
+            val = val_fraction > 0 and (_is_val(i, val_fraction) or (last and n_docs["val"] == 0))
+            split = "val" if val else "train"
+            by_split[split].append(ids)
+            n_docs[split] += 1
+        for split, seqs in by_split.items():
+            count = sum(map(len, seqs)) + len(seqs)
+            flat = chain.from_iterable(chain(ids, (eos,)) for ids in seqs)
+            np.fromiter(flat, dtype=dtype, count=count).tofile(files[split])
+            n_tokens[split] += count
+    return n_tokens, n_docs
 
 
 def read_meta(data_dir: str | Path, vocab_size: int | None = None, dtype: str = "uint16") -> dict:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning data: instruction, chat and text records -> examples with a loss mask -> batches.
 
 Records come from .jsonl / .json / .parquet files (optionally compressed), a directory of them,
-`hf:NAME[:SPLIT]` or a `save_to_disk` directory. Each record becomes one `Example`: its token ids and
+`hf:NAME[:SPLIT]` or a `save_to_disk` directory, streamed by `data.readers.iter_records` (a .json file
+that is not one array is JSON lines). Each record becomes one `Example`: its token ids and
 a mask of the tokens the model learns to produce (the response or assistant turns, and the EOS or
 end-of-turn token that ends them). Bad records are skipped and counted with their file and line.
 
@@ -14,7 +15,6 @@ examples fill rows of at most max_length tokens.
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -25,15 +25,13 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from lmforge.config import Strict
-from lmforge.data.readers import (ReadReport, is_hf_dataset, list_inputs, open_binary, open_hf_dataset,
-                                  split_suffix)
+from lmforge.data.readers import RECORD_FORMATS, ReadReport, is_hf_dataset, iter_records, split_suffix
 from lmforge.tokens.chat import alpaca_template
 
 if TYPE_CHECKING:
     import torch
 
 IGNORE = -100  # target of a position without loss (the cross-entropy ignore_index)
-RECORD_FORMATS = (".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
 VAL_KEY = 2**32 - 1  # the validation permutation's rng key: one no epoch uses (epochs are keyed [seed, epoch])
 
@@ -118,60 +116,6 @@ class SFTData:
 
 class _Skip(Exception):
     """A record that cannot be used; the message is the reason it is counted under."""
-
-
-# ---- reading -------------------------------------------------------------------------------------
-
-def iter_records(spec: str, report: ReadReport) -> Iterator[tuple[str, object]]:
-    """(location, record) for every record of `spec`; malformed lines and unreadable files are counted."""
-    for item in list_inputs(spec, report):
-        if isinstance(item, str):
-            yield from _hf_records(item)
-        elif split_suffix(item)[0] not in RECORD_FORMATS:
-            report.skip("unsupported_file", str(item))
-        else:
-            yield from _file_records(item, report)
-
-
-def _hf_records(spec: str) -> Iterator[tuple[str, object]]:
-    for i, record in enumerate(open_hf_dataset(spec)):
-        yield f"{spec}:row {i}", record
-
-
-def _file_records(path: Path, report: ReadReport) -> Iterator[tuple[str, object]]:
-    fmt, comp = split_suffix(path)
-    try:
-        if fmt == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            with open_binary(path, comp) as f:
-                raw = f.read()
-    except Exception as e:  # noqa: BLE001 - pyarrow, gzip, bz2 and zstd raise their own types for corrupt input
-        report.skip("truncated_or_corrupt", f"{path}: {type(e).__name__}")
-        return
-    if fmt == ".parquet":
-        yield from ((f"{path}:row {i}", record) for i, record in enumerate(rows))
-        return
-    if fmt == ".json" and raw.lstrip()[:1] == b"[":  # a JSON array; otherwise JSON lines
-        try:
-            records = json.loads(raw)
-        except ValueError as e:
-            report.skip("invalid_json", f"{path}:{getattr(e, 'lineno', '?')}")
-            return
-        for i, record in enumerate(records):
-            yield f"{path}:item {i}", record
-        return
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            report.skip("invalid_json", f"{path}:{lineno}")
-            continue
-        yield f"{path}:{lineno}", record
 
 
 # ---- rendering -----------------------------------------------------------------------------------
@@ -309,7 +253,7 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; SFT examples end with one so the model learns to stop")
     skipped = ReadReport()
-    records = list(islice(iter_records(cfg.path, skipped), cfg.max_examples))
+    records = list(islice(iter_records(cfg.path, skipped, json_lines=True), cfg.max_examples))
     fmt = cfg.format
     if fmt == "auto":
         first = next((r for _, r in records if isinstance(r, dict)), None)
