@@ -57,6 +57,20 @@ def smollm2_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer Llama with 8,192 positions (test_infer, test_serve); modules that need another define their own."""
+    return save_tiny(tmp_path_factory.mktemp("serve-tiny"), seed=3, max_positions=8192)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    """`tiny` loaded with transformers: (model in eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
+
+
 def save_tiny(path: Path, seed: int = 0, zero_head: bool = False, max_positions: int = 512) -> Path:
     """A 2-layer Llama and a character tokenizer over string.printable (so ChatML encodes) saved as an HF dir."""
     import torch

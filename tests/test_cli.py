@@ -214,3 +214,39 @@ def test_eval_tasks_from_a_config_with_overrides_writes_the_resolved_config_and_
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["dtype"] == "float32" and got["config"]["limit"] == 3 and got["config"]["tasks"] == [str(task)]
     assert got["config"]["model"] == str(tiny) and got["results"]["lmforge_mc"]["n_samples"] == 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["quickstart", "--data", "d.txt", "--out", "o", "--minutes", "0.5", "--seed", "1"],
+    ["tokenizer", "train", "a", "b", "--out", "t", "--vocab-size", "500", "--min-frequency", "3", "--text-field", "x"],
+    ["tokenize", "a", "--tokenizer", "char", "--out", "o", "--val-fraction", "0.2", "--text-field", "x"],
+    ["generate", "m", "hi", "--template", "alpaca", "--input", "x", "--max-new-tokens", "5", "--temperature", "0",
+     "--top-k", "5", "--top-p", "0.9", "--num-samples", "2", "--seed", "1", "--device", "cpu"],
+    ["chat", "m", "--system", "s", "--max-new-tokens", "5", "--temperature", "0", "--top-p", "0.9", "--seed", "1",
+     "--device", "cpu"],
+    ["export", "m", "--out", "o", "--merge-lora", "--dtype", "bfloat16", "--overwrite"],
+    ["serve", "m", "--host", "0.0.0.0", "--port", "1", "--api-key", "k", "--served-model-name", "n", "--max-batch", "2",
+     "--max-queue", "3", "--max-model-len", "64", "--max-prefill-tokens", "32", "--request-timeout", "5",
+     "--max-body-bytes", "2048", "--threads", "1", "--device", "cpu", "--dtype", "float32", "--backend", "vllm"],
+    ["eval", "tasks", "m", "--tasks", "t", "--limit", "2", "--num-fewshot", "1", "--data-dir", "d", "--max-length", "9",
+     "--batch-tokens", "9", "--device", "cpu", "--bridge", "lm-eval", "--out", "o.json"],
+    ["eval", "compare", "a.json", "b.json"],
+    ["eval", "perplexity", "m", "--data", "d.txt", "--max-length", "8", "--stride", "4", "--batch-size", "2", "--device",
+     "cpu", "--out", "o.json"],
+    ["eval", "human", "--models", "a", "b", "--prompts", "p.txt", "--out", "o", "--host", "h", "--port", "1",
+     "--max-new-tokens", "4", "--temperature", "0.5", "--template", "none", "--seed", "2", "--device", "cpu"],
+    ["data", "filter", "i", "o", "--text-field", "x", "--filter", "c4", "--filter", "heuristic", "--set", "c4.a=1"],
+    ["data", "pii", "i", "o", "--kinds", "email,ip"],
+    ["data", "extract", "i", "o", "--timeout", "3"],
+    ["data", "dedup", "i", "o", "--ngram", "3", "--bands", "4", "--rows", "2", "--no-exact", "--no-near"],
+    ["data", "crawl", "http://x/", "--out", "o", "--max-pages", "2", "--max-depth", "1", "--delay", "0",
+     "--concurrency", "1", "--allow-private", "--allow-net", "127.0.0.0/8", "--allowed-domain", "x", "--max-bytes",
+     "10", "--max-redirects", "1", "--timeout", "2", "--user-agent", "u", "--extract-timeout", "1", "--quiet"],
+])
+def test_every_flag_of_the_earlier_command_line_still_parses(argv):
+    cmds = commands()
+    [cmd] = [c for c in cmds if argv[:len(c.words)] == c.words]
+    cfg = parse(cmd, argv[len(cmd.words):])
+    given = {a.lstrip("-").replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+    given = {cmd.aliases.get("--" + g.replace("_", "-"), g) for g in given}
+    assert given <= set(cfg.model_fields_set), given - set(cfg.model_fields_set)

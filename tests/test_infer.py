@@ -8,21 +8,9 @@ import time
 import pytest
 import torch
 
-from conftest import greedy_reference, save_tiny
+from conftest import greedy_reference
 from lmforge.infer import Engine, QueueFull, Request, SamplingParams
 from lmforge.infer.runner import Runner
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("serve-tiny"), seed=3, max_positions=8192)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
 
 
 def run_engine(engine: Engine, reqs: list[tuple[list[int], SamplingParams]], stagger: float = 0.0):

@@ -10,21 +10,9 @@ import httpx
 import pytest
 import torch
 
-from conftest import greedy_reference, run_cli, save_tiny, start_server, stop_server
+from conftest import greedy_reference, run_cli, start_server, stop_server
 
 KEY = "sk-test-key"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("serve-tiny"), seed=3, max_positions=8192)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
 
 
 @pytest.fixture(scope="module")
