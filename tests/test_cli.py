@@ -206,12 +206,12 @@ def test_eval_tasks_from_a_config_with_overrides_writes_the_resolved_config_and_
     task.write_text((lmeval / "lmforge_mc.yaml").read_text().replace("tests/data/lmeval/mc.jsonl",
                                                                      str(lmeval / "mc.jsonl")))
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"model: {tiny}\ntasks: [{task}]\nlimit: 5\ndevice: cpu\nout: {tmp_path / 'r.json'}\n")
+    cfg.write_text(f"model: {tiny}\ntasks: [{task}]\nlimit: 5\ndevice: cpu\nout: {tmp_path / 'new' / 'r.json'}\n")
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     p = run_cli("eval", "tasks", str(cfg), "limit=3", env=offline)
     assert "| lmforge_mc | 3 |" in p.stdout
     import json
-    got = json.loads((tmp_path / "r.json").read_text())
+    got = json.loads((tmp_path / "new" / "r.json").read_text())  # its directory is made first
     assert got["dtype"] == "float32" and got["config"]["limit"] == 3 and got["config"]["tasks"] == [str(task)]
     assert got["config"]["model"] == str(tiny) and got["results"]["lmforge_mc"]["n_samples"] == 3
 

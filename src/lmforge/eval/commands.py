@@ -94,6 +94,7 @@ def run_tasks(cfg: TasksConfig) -> int:
 
     if cfg.data_dir and not cfg.data_dir.is_dir():
         raise CliError(f"--data-dir {cfg.data_dir}: no such directory")
+    _prepare_out(cfg.out)
     t0 = time.perf_counter()
     try:
         if cfg.bridge == "lm-eval":  # task definitions fail here, before the model loads
@@ -143,6 +144,7 @@ def run_perplexity(cfg: PerplexityConfig) -> int:
         raise CliError(f"--max-length must be at least 1, got {cfg.max_length}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    _prepare_out(cfg.out)
     model = EvalModel.load(cfg.model, device=cfg.device, max_length=cfg.max_length, dtype=cfg.dtype)
     if cfg.batch_size:
         model.batch_tokens = cfg.batch_size * model.max_length
@@ -191,6 +193,12 @@ def run_human(cfg: HumanConfig) -> int:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _prepare_out(path: Path | None) -> None:
+    """Create the results file's directory before any work, so a bad path fails first and no result is lost."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
