@@ -19,7 +19,7 @@ class TasksConfig(Strict):
     tasks: list[str] = Field(description="built-in names (hellaswag, arc_easy, arc_challenge, mmlu, truthfulqa_mc1, "
                                          "gsm8k, humaneval) or task YAML paths, comma-separated; with "
                                          "bridge=lm-eval, any lm-eval task")
-    limit: float | None = Field(None, description="first N documents per task (a fraction when below 1)")
+    limit: int | float | None = Field(None, description="first N documents per task (a fraction when below 1)")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt (None: the task's, else 0)")
     data_dir: Path | None = Field(None, description="local data: DIR/<task>/<split>.jsonl replaces the task's hub "
                                                     "dataset")
