@@ -10,56 +10,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
 
 from lmforge.device import resolve_precision
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.config import GuardConfig, LogConfig, TrainConfig
 from lmforge.train.distributed import Runtime, all_reduce_sum, barrier, eval_shard, no_grad_sync, wrap_model
 from lmforge.train.guards import StepGuard, TrainingStopped
+from lmforge.train.job import Job, RunSpec
 from lmforge.train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from lmforge.train.optim import build_adamw
 from lmforge.train.schedule import lr_at
-
-Batch = Any
-# objective(model, micro_batch) -> (mean loss over the micro-batch's tokens, number of tokens)
-Objective = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
-
-
-@dataclass
-class Job:
-    """What a stage hands the engine."""
-
-    model: nn.Module
-    objective: Objective
-    # (step, micro_batch_size, grad_accum, rank, world_size) -> this rank's micro-batches of that step
-    train_batches: Callable[[int, int, int, int, int], Iterable[Batch]]
-    # (micro_batch_size, rank, world_size) -> this rank's share of the fixed validation batches
-    eval_batches: Callable[[int, int, int], Iterable[Batch]] | None
-    # (checkpoint dir, model state dict) -> write the model files (full weights in HF format, or an adapter)
-    save_model: Callable[[Path, dict], None]
-    load_model: Callable[[Path], dict]  # checkpoint dir -> model state dict (what save_model was given)
-    # Tokens per global step when fixed (pretraining windows); otherwise batch_tokens counts each micro-batch.
-    tokens_per_step: int | None = None
-    batch_tokens: Callable[[Batch], int] | None = None
-    trainable_only: bool = False  # checkpoints hold only trainable parameters (LoRA: the base is frozen)
-    blocks: list[nn.Module] = field(default_factory=list)  # FSDP wrapping units
-    flops_per_token: float | None = None
-
-
-@dataclass
-class RunSpec:
-    out_dir: Path
-    resume: str
-    train: TrainConfig
-    guards: GuardConfig
-    log: LogConfig
-    config_dump: dict = field(default_factory=dict)
 
 
 def autocast_for(precision: str, device: torch.device):
