@@ -52,7 +52,7 @@ def build_engine(model: nn.Module, blocks: list[nn.Module], tc: TrainConfig, gua
 
 @dataclass
 class TrainState:
-    """The loop's counters; the checkpointer saves and restores all but the last two."""
+    """The loop's counters, read and written by the components; trainer_state.pt holds all but the last two."""
 
     micro_batch_size: int  # halved on a CUDA OOM, with grad_accum doubled, so the global batch stays
     grad_accum: int
@@ -61,7 +61,7 @@ class TrainState:
     tokens: float = 0.0  # tokens trained on, over all ranks and all processes of this run
     elapsed_before: float = 0.0  # seconds trained by earlier processes of this run (from the checkpoint)
     started: float = 0.0  # time.perf_counter() when this process's loop began
-    oom_hooks_fired: set[int] = field(default_factory=set)  # guards.debug_oom_steps fire once per process
+    oom_hooks_fired: set[int] = field(default_factory=set)  # debug_oom_steps fire once per process, not on a replay
 
     def start_clock(self) -> None:
         self.started = time.perf_counter()
