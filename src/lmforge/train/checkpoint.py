@@ -3,13 +3,15 @@
 A checkpoint is written into a temporary directory, fsynced, renamed to `step-NNNNNNN`, and only
 then is `latest` replaced (itself via a temp file and os.replace), so a process killed at any
 moment leaves `latest` naming a complete checkpoint. trainer_state.pt holds only tensors and
-plain Python values and is read with `weights_only=True`.
+plain Python values and is read with `weights_only=True`. The `Checkpointer` decides what goes
+into it (optimizer, scaler, guard, RNG, the loop's counters) and puts it back on resume and rollback.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.runs import latest_checkpoint, point_latest, step_dir_name
+from lmforge.train.distributed import Runtime, barrier
+from lmforge.train.job import Job
+from lmforge.train.metrics import MetricsLogger
+from lmforge.train.state import Engine, TrainState
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,3 +91,108 @@ def load_trainer_state(path: Path) -> dict:
     """The trainer state of a checkpoint directory; no pickled code is run."""
     return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
 
+
+
+def resume_path(resume: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint a run resumes from: `latest` under "auto", none under "never", else the directory named."""
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    if resume != "never":
+        return Path(resume)
+    return None
+
+
+@dataclass
+class Checkpointer:
+    """Saves a run's checkpoints under `root` and puts one back, for resume and for rollback."""
+
+    root: Path
+    job: Job
+    engine: Engine
+    rt: Runtime
+    logger: MetricsLogger
+    keep_last: int
+    config: dict  # the resolved run config, stored in every trainer_state.pt
+
+    def save(self, state: TrainState) -> Path | None:
+        """Checkpoint step `state.step`; every rank gathers the full state dicts, rank 0 writes and gets the path."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        model, opt = self.engine.model, self.engine.optimizer
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.job.trainable_only)
+        msd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, opt, options=opts)
+        path = None
+        if self.rt.is_main:
+            path = save_checkpoint(self.root, state.step, lambda d: self.job.save_model(d, msd),
+                                   self._trainer_state(state, osd), self.keep_last)
+            self.logger.event(state.step, "checkpoint", str(path))
+        barrier(self.rt)
+        return path
+
+    def _trainer_state(self, state: TrainState, optimizer_state: dict) -> dict:
+        """What trainer_state.pt holds: tensors and plain values only, so it loads with weights_only=True."""
+        scaler, device = self.engine.scaler, self.engine.device
+        return {
+            "step": state.step, "optimizer": optimizer_state,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "guard": self.engine.guard.state_dict(),
+            "lr_scale": state.lr_scale, "micro_batch_size": state.micro_batch_size, "grad_accum": state.grad_accum,
+            "data_position": state.step, "world_size": self.rt.world_size,
+            "elapsed_s": state.elapsed(), "tokens": state.tokens,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "config": self.config,
+        }
+
+    def restore(self, path: Path) -> dict:
+        """Load checkpoint `path` into the model, optimizer, scaler, guard and RNG; returns its trainer state."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        engine = self.engine
+        saved = load_trainer_state(path)
+        opts = StateDictOptions(full_state_dict=True, strict=not self.job.trainable_only)
+        set_model_state_dict(engine.model, self.job.load_model(path), options=opts)
+        set_optimizer_state_dict(engine.model, engine.optimizer, saved["optimizer"], options=opts)
+        if saved.get("scaler"):
+            engine.scaler.load_state_dict(saved["scaler"])
+        engine.guard.load_state_dict(saved["guard"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if engine.device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], engine.device)
+        return saved
+
+    def resume(self, path: Path, state: TrainState) -> None:
+        """Continue a run from checkpoint `path`: restore it and take its loop counters into `state`."""
+        saved = self.restore(path)
+        state.step, state.lr_scale = int(saved["step"]), float(saved["lr_scale"])
+        state.micro_batch_size, state.grad_accum = int(saved["micro_batch_size"]), int(saved["grad_accum"])
+        state.elapsed_before = float(saved.get("elapsed_s", 0.0))
+        state.tokens = float(saved.get("tokens", 0.0))
+        world = self.rt.world_size
+        if saved.get("world_size", world) != world:
+            self.logger.event(state.step, "world_size_changed",
+                              f"checkpoint written by {saved['world_size']} processes, resumed on {world}")
+        self.logger.event(state.step, "resumed", f"from {path}")
+        self._show_step(state.step)
+
+    def roll_back(self, state: TrainState, lr_factor: float) -> Path | None:
+        """Go back to the latest checkpoint with the learning rate scaled by `lr_factor`; None when there is none.
+
+        Of the loop's counters only the step comes back. The guard keeps its rollback count (so guards.max_rollbacks
+        bounds them), the micro-batch size stays as a CUDA OOM left it, and rolled-back tokens stay counted.
+        """
+        last = latest_checkpoint(self.root)
+        if last is None:
+            return None
+        rollbacks = self.engine.guard.rollbacks
+        saved = self.restore(last)
+        self.engine.guard.rollbacks = rollbacks
+        state.lr_scale *= lr_factor
+        state.step = int(saved["step"])
+        self.logger.event(state.step, "rollback", f"to {last.name}, learning rate x{state.lr_scale:g}")
+        self._show_step(state.step)
+        return last
+
+    def _show_step(self, step: int) -> None:
+        if self.logger.bar:
+            self.logger.bar.n = step

@@ -3,291 +3,111 @@
 A stage hands over a `Job` (the model, an objective that turns a micro-batch into a loss, a
 function that yields a step's micro-batches, and how to export weights); everything else —
 precision, accumulation, clipping, schedule, checkpoint/resume, guards, metrics, distributed —
-lives here, once. Read `train()` top to bottom.
+lives in train/, once. The components each own one concern (checkpoint.py: save, resume, roll
+back; step.py: forward/backward and the update; evaluate.py: validation loss) and share the run's
+objects and counters through `Engine` and `TrainState` (state.py). Read `train()` top to bottom.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import torch
-from torch import nn
 
 from lmforge.device import resolve_precision
-from lmforge.train import checkpoint as ckpt
-from lmforge.train.config import GuardConfig, LogConfig, TrainConfig
-from lmforge.train.distributed import Runtime, all_reduce_sum, barrier, eval_shard, no_grad_sync, wrap_model
-from lmforge.train.guards import StepGuard, TrainingStopped
+from lmforge.runs import checkpoints_dir, latest_checkpoint, step_dir_name
+from lmforge.train.checkpoint import Checkpointer, resume_path
+from lmforge.train.distributed import Runtime
+from lmforge.train.evaluate import evaluate
+from lmforge.train.guards import TrainingStopped
+from lmforge.train.job import Job, RunSpec
 from lmforge.train.metrics import MetricsLogger, device_peak_flops, memory_gb
-from lmforge.train.optim import build_adamw
 from lmforge.train.schedule import lr_at
-
-Batch = Any
-# objective(model, micro_batch) -> (mean loss over the micro-batch's tokens, number of tokens)
-Objective = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
-
-
-@dataclass
-class Job:
-    """What a stage hands the engine."""
-
-    model: nn.Module
-    objective: Objective
-    # (step, micro_batch_size, grad_accum, rank, world_size) -> this rank's micro-batches of that step
-    train_batches: Callable[[int, int, int, int, int], Iterable[Batch]]
-    # (micro_batch_size, rank, world_size) -> this rank's share of the fixed validation batches
-    eval_batches: Callable[[int, int, int], Iterable[Batch]] | None
-    # (checkpoint dir, model state dict) -> write the model files (full weights in HF format, or an adapter)
-    save_model: Callable[[Path, dict], None]
-    load_model: Callable[[Path], dict]  # checkpoint dir -> model state dict (what save_model was given)
-    # Tokens per global step when fixed (pretraining windows); otherwise batch_tokens counts each micro-batch.
-    tokens_per_step: int | None = None
-    batch_tokens: Callable[[Batch], int] | None = None
-    trainable_only: bool = False  # checkpoints hold only trainable parameters (LoRA: the base is frozen)
-    blocks: list[nn.Module] = field(default_factory=list)  # FSDP wrapping units
-    flops_per_token: float | None = None
-
-
-@dataclass
-class RunSpec:
-    out_dir: Path
-    resume: str
-    train: TrainConfig
-    guards: GuardConfig
-    log: LogConfig
-    config_dump: dict = field(default_factory=dict)
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+from lmforge.train.state import Engine, TrainState, build_engine
+from lmforge.train.step import forward_backward, update
 
 
 def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     """Run (or resume) training to `train.max_steps`; returns a summary dict."""
-    tc, out = spec.train, spec.out_dir
-    device = rt.device
-    precision = resolve_precision(tc.precision, device)
-    ckpt_root = out / "checkpoints"
-
-    model = job.model.to(device)
-    if tc.grad_checkpointing:
-        if hasattr(model, "gradient_checkpointing_enable"):  # transformers (and PEFT-wrapped) models
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing = True
-    mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if tc.parallel == "fsdp" else None
-    model = wrap_model(model, rt, tc.parallel, job.blocks, mp_dtype)
-    opt = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    fwd_model = torch.compile(model) if tc.compile else model
-    guard = StepGuard(spec.guards)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    # ---- resume --------------------------------------------------------------------------
-    step, lr_scale, micro_bs, accum, elapsed_before = 0, 1.0, tc.micro_batch_size, tc.grad_accum, 0.0
-    tokens_total = 0.0
-    resume_from = None
-    if spec.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(ckpt_root)
-    elif spec.resume != "never":
-        resume_from = Path(spec.resume)
-
-    def restore(path: Path) -> dict:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        state = ckpt.load_trainer_state(path)
-        opts = StateDictOptions(full_state_dict=True, strict=not job.trainable_only)
-        set_model_state_dict(model, job.load_model(path), options=opts)
-        set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        guard.load_state_dict(state["guard"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        return state
-
-    logger = MetricsLogger(out, rt.is_main, tc.max_steps, 0, spec.log.tensorboard, spec.log.wandb,
+    tc, guards = spec.train, spec.guards
+    engine = build_engine(job.model, job.blocks, tc, guards, rt, resolve_precision(tc.precision, rt.device))
+    ckpt_root = checkpoints_dir(spec.out_dir)
+    resume_from = resume_path(spec.resume, ckpt_root)
+    logger = MetricsLogger(spec.out_dir, rt.is_main, tc.max_steps, 0, spec.log.tensorboard, spec.log.wandb,
                            spec.log.wandb_project, spec.config_dump, spec.log.progress)
+    checkpointer = Checkpointer(ckpt_root, job, engine, rt, logger, tc.keep_last, spec.config_dump)
+    state = TrainState(micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum)
     if resume_from is not None:
-        state = restore(resume_from)
-        step, lr_scale = int(state["step"]), float(state["lr_scale"])
-        micro_bs, accum = int(state["micro_batch_size"]), int(state["grad_accum"])
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        tokens_total = float(state.get("tokens", 0.0))
-        if state.get("world_size", rt.world_size) != rt.world_size:
-            logger.event(step, "world_size_changed",
-                         f"checkpoint written by {state['world_size']} processes, resumed on {rt.world_size}")
-        logger.event(step, "resumed", f"from {resume_from}")
-        if logger.bar:
-            logger.bar.n = step
+        checkpointer.resume(resume_from, state)
 
-    def save(at_step: int) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=job.trainable_only)
-        msd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, opt, options=opts)
-        path = None
-        if rt.is_main:
-            state = {
-                "step": at_step, "optimizer": osd, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "guard": guard.state_dict(), "lr_scale": lr_scale, "micro_batch_size": micro_bs,
-                "grad_accum": accum, "data_position": at_step, "world_size": rt.world_size,
-                "elapsed_s": elapsed_before + (time.perf_counter() - t_start), "tokens": tokens_total,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                "config": spec.config_dump,
-            }
-            path = ckpt.save_checkpoint(ckpt_root, at_step, lambda d: job.save_model(d, msd), state, tc.keep_last)
-            logger.event(at_step, "checkpoint", str(path))
-        barrier(rt)
-        return path
-
-    @torch.no_grad()
-    def evaluate() -> tuple[float, float] | None:
-        if job.eval_batches is None:
-            return None
-        model.eval()
-        total, count = 0.0, 0
-        for batch, counted in eval_shard(job.eval_batches, micro_bs, rt, tc.parallel):
-            with autocast_for(precision, device):
-                loss, n = job.objective(fwd_model, batch)
-            if counted:  # FSDP pads ranks to the same number of forwards; padding is not counted
-                total += loss.item() * n
-                count += n
-        model.train()
-        total, count = all_reduce_sum([total, float(count)], rt)
-        val_loss = total / max(count, 1)
-        return val_loss, math.exp(min(val_loss, 50.0))
-
-    # ---- the loop ------------------------------------------------------------------------
     try:
-        model.train()
-        t_start = time.perf_counter()
+        engine.model.train()
+        state.start_clock()
         t_log, tokens_since_log = time.perf_counter(), 0
-        peak = device_peak_flops(device)
+        peak = device_peak_flops(engine.device)
         decay_steps = tc.decay_steps or tc.max_steps
-        first_val = last_val = step_loss = None
-        oom_hook_fired: set[int] = set()
-        if step == 0 and tc.eval_every:
-            result = evaluate()
-            if result:
-                first_val = result
-                logger.eval(0, *result, elapsed_before)
+        first_val = last_val = loss = None
+        if state.step == 0 and tc.eval_every:
+            first_val = evaluate(job, engine, rt, tc.parallel, state.micro_batch_size)
+            if first_val:
+                logger.eval(0, *first_val, state.elapsed_before)
 
-        while step < tc.max_steps:
-            lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * lr_scale
-            for group in opt.param_groups:
+        while state.step < tc.max_steps:
+            lr = lr_at(state.step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * state.lr_scale
+            for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-
-            # Forward/backward over the micro-batches; a CUDA OOM halves the micro-batch and retries.
-            while True:
-                try:
-                    loss_sum, in_tokens = 0.0, 0
-                    if step + 1 in spec.guards.debug_oom_steps and step + 1 not in oom_hook_fired:
-                        oom_hook_fired.add(step + 1)
-                        raise torch.OutOfMemoryError("debug_oom_steps test hook")
-                    micro = list(job.train_batches(step, micro_bs, accum, rt.rank, rt.world_size))
-                    for i, batch in enumerate(micro):
-                        with no_grad_sync(model, i == len(micro) - 1), autocast_for(precision, device):
-                            loss, _ = job.objective(fwd_model, batch)
-                            if step + 1 in spec.guards.debug_nan_steps:
-                                loss = loss * float("nan")
-                        scaler.scale(loss / accum).backward()
-                        loss_sum += loss.detach().float().item()
-                        if job.batch_tokens is not None:
-                            in_tokens += job.batch_tokens(batch)
-                    break
-                except torch.OutOfMemoryError as e:
-                    opt.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if not spec.guards.oom_retry or micro_bs == 1:
-                        raise TrainingStopped(f"out of memory at step {step + 1} with micro_batch_size {micro_bs}: {e}; "
-                                              "lower train.micro_batch_size or model size, or enable "
-                                              "train.grad_checkpointing") from None
-                    micro_bs, accum = micro_bs // 2, accum * 2
-                    logger.event(step + 1, "oom", f"micro_batch_size -> {micro_bs}, grad_accum -> {accum} (same global batch)")
-
-            loss_sum, step_tokens = all_reduce_sum([loss_sum, float(in_tokens)], rt)
-            if job.tokens_per_step is not None:
-                step_tokens = job.tokens_per_step
-            step_loss = loss_sum / (accum * rt.world_size)
-            scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-            reason = guard.check(step_loss, grad_norm)
-            if reason == "nonfinite" and scaler.is_enabled() and math.isfinite(step_loss):
-                reason = None  # fp16 overflow: GradScaler skips the step and lowers its scale itself
-            if reason is None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                logger.event(step + 1, f"skip_{reason}", f"loss {step_loss:.4g}, grad_norm {grad_norm:.4g}: update skipped")
-                if scaler.is_enabled():
-                    scaler.update()
-            opt.zero_grad(set_to_none=True)
-            action = guard.record(step_loss, skipped=reason is not None)
+            loss, tokens = forward_backward(job, engine, state, rt, guards, logger)
+            grad_norm, skipped = update(engine, state, loss, tc.grad_clip, logger)
+            action = engine.guard.record(loss, skipped=skipped is not None)
             if action == "rollback":
-                last = ckpt.latest_checkpoint(ckpt_root)
-                if last is None:
-                    raise TrainingStopped(f"{spec.guards.max_bad_steps} bad steps in a row at step {step + 1} and no "
+                if checkpointer.roll_back(state, guards.rollback_lr_factor) is None:
+                    raise TrainingStopped(f"{guards.max_bad_steps} bad steps in a row at step {state.step + 1} and no "
                                           "checkpoint to roll back to; lower train.lr or check the data")
-                rollbacks = guard.rollbacks
-                state = restore(last)
-                guard.rollbacks = rollbacks
-                lr_scale *= spec.guards.rollback_lr_factor
-                step = int(state["step"])
-                logger.event(step, "rollback", f"to {last.name}, learning rate x{lr_scale:g}")
-                if logger.bar:
-                    logger.bar.n = step
                 continue
             if action == "stop":
-                raise TrainingStopped(f"{spec.guards.max_bad_steps} bad steps in a row at step {step + 1} (last: {reason}); "
-                                      "lower train.lr, raise train.warmup_steps, or check the data")
+                raise TrainingStopped(f"{guards.max_bad_steps} bad steps in a row at step {state.step + 1} "
+                                      f"(last: {skipped}); lower train.lr, raise train.warmup_steps, or check the data")
 
-            step += 1
-            tokens_since_log += step_tokens
-            tokens_total += step_tokens
+            state.step += 1
+            state.tokens += tokens
+            tokens_since_log += tokens
             logger.advance()
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 now = time.perf_counter()
-                tps = tokens_since_log / max(now - t_log, 1e-9)
-                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tps,
-                          "tokens": int(tokens_total),
-                          "elapsed_s": elapsed_before + now - t_start, "mem_gb": memory_gb(device),
-                          "micro_batch_size": micro_bs, "grad_accum": accum}
+                tokens_per_sec = tokens_since_log / max(now - t_log, 1e-9)
+                record = _train_record(state, loss, lr, grad_norm, tokens_per_sec, now, engine)
                 if peak and job.flops_per_token:
-                    record["mfu"] = tps * job.flops_per_token / (peak * rt.world_size)
+                    record["mfu"] = tokens_per_sec * job.flops_per_token / (peak * rt.world_size)
                 logger.train(record)
                 t_log, tokens_since_log = now, 0
-            if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
-                result = evaluate()
-                if result:
-                    last_val = result
-                    logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
-            if tc.ckpt_every and step % tc.ckpt_every == 0 and step != tc.max_steps:
-                save(step)
+            if tc.eval_every and state.step % tc.eval_every == 0 and state.step != tc.max_steps:
+                last_val = _evaluate_and_log(job, engine, rt, tc.parallel, state, logger) or last_val
+            if tc.ckpt_every and state.step % tc.ckpt_every == 0 and state.step != tc.max_steps:
+                checkpointer.save(state)
 
-        result = evaluate()
-        if result:
-            last_val = result
-            logger.eval(step, *result, elapsed_before + time.perf_counter() - t_start)
-        final = ckpt.latest_checkpoint(ckpt_root)
-        if final is None or final.name != ckpt.step_dir_name(step):
-            final = save(step)
+        last_val = _evaluate_and_log(job, engine, rt, tc.parallel, state, logger) or last_val
+        final = latest_checkpoint(ckpt_root)
+        if final is None or final.name != step_dir_name(state.step):
+            final = checkpointer.save(state)
     except TrainingStopped as e:
-        logger.event(step + 1, "stop", str(e))
+        logger.event(state.step + 1, "stop", str(e))
         raise
     finally:
         logger.close()
-    elapsed = time.perf_counter() - t_start
-    return {"steps": step, "final_checkpoint": str(final) if final else None, "elapsed_s": elapsed,
-            "first_val": first_val, "last_val": last_val, "precision": precision, "train_loss": step_loss}
+    return {"steps": state.step, "final_checkpoint": str(final) if final else None,
+            "elapsed_s": time.perf_counter() - state.started, "first_val": first_val, "last_val": last_val,
+            "precision": engine.precision, "train_loss": loss}
+
+
+def _train_record(state: TrainState, loss: float, lr: float, grad_norm: float, tokens_per_sec: float, now: float,
+                  engine: Engine) -> dict:
+    """A metrics.jsonl train line for the step just taken (mfu, when known, is added after)."""
+    return {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+            "tokens": int(state.tokens), "elapsed_s": state.elapsed(now), "mem_gb": memory_gb(engine.device),
+            "micro_batch_size": state.micro_batch_size, "grad_accum": state.grad_accum}
+
+
+def _evaluate_and_log(job: Job, engine: Engine, rt: Runtime, parallel: str, state: TrainState,
+                      logger: MetricsLogger) -> tuple[float, float] | None:
+    """Evaluate at `state.step` and write the eval line; None when the job has no eval batches."""
+    result = evaluate(job, engine, rt, parallel, state.micro_batch_size)
+    if result:
+        logger.eval(state.step, *result, state.elapsed())
+    return result
