@@ -92,7 +92,6 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
-
 def resume_path(resume: str, ckpt_root: Path) -> Path | None:
     """The checkpoint a run resumes from: `latest` under "auto", none under "never", else the directory named."""
     if resume == "auto":
