@@ -44,8 +44,7 @@ class EvalModel:
         self.fast = m.runner_supported
         self._runner: Runner | None = None
         self._generator: Generator | None = None
-        tokenizer = m.tokenizer
-        self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.prefix_token_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
 
     @classmethod
     def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int | None = None,
