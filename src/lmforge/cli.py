@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_listing(cmds, argv[:1]))  # the help of a group: `lmforge eval --help`
         return 0
     try:
-        return run(_find(cmds, argv), argv[len(_find(cmds, argv).words):])
+        cmd = _find(cmds, argv)
+        return run(cmd, argv[len(cmd.words):])
     except (CliError, ConfigError, FileNotFoundError, ValueError) as e:
         if os.environ.get("LMFORGE_TRACEBACK"):
             raise

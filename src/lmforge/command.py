@@ -169,18 +169,17 @@ def split_items(cmd: Command, model: type[BaseModel], items: list[str],
 
 def parse(cmd: Command, argv: list[str]) -> BaseModel:
     """The validated config of `lmforge CMD ARGV`."""
-    from lmforge.config import load_config, read_yaml
+    from lmforge.config import config_tree, validate
 
     model = cmd.config()
     args = build_parser(cmd, model).parse_intermixed_args(argv)
     path, values, overrides = split_items(cmd, model, args.items, args.config)
     flags = {k: getattr(args, k) for k in flag_keys(cmd, model) if getattr(args, k) is not None}
-    given = {*values, *flags, *(o.split("=", 1)[0].split(".")[0] for o in overrides),
-             *(read_yaml(path) if path else {})}
+    tree = config_tree(path, overrides, flags={**values, **flags})
     for key in cmd.positionals:
-        if model.model_fields[key].is_required() and key not in given:
+        if model.model_fields[key].is_required() and key not in tree:
             raise CliError(f"{cmd.name} needs a {key.upper()} argument (or `{key}:` in CONFIG.yaml)")
-    return load_config(model, path, overrides, flags={**values, **flags})
+    return validate(model, tree)
 
 
 def run(cmd: Command, argv: list[str]) -> int:

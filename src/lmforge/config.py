@@ -84,19 +84,29 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None,
-                flags: dict | None = None) -> M:
-    """Build `model` from its defaults, then the YAML file, then `flags` ({key.path: value}), then the overrides."""
+def config_tree(path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> dict:
+    """The raw settings: the YAML file, then `flags` ({key.path: value}), then the key.path=value overrides."""
     tree: dict = read_yaml(path) if path is not None else {}
     for key, value in (flags or {}).items():
         set_dotted(tree, key.split("."), value)
     for item in overrides or []:
         keys, value = parse_override(item)
         set_dotted(tree, keys, value)
+    return tree
+
+
+def validate(model: type[M], tree: dict) -> M:
+    """`model` from a settings tree (over its defaults); a ConfigError names every bad key."""
     try:
         return model.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict | None = None) -> M:
+    """Build `model` from its defaults, then the YAML file, then `flags` ({key.path: value}), then the overrides."""
+    return validate(model, config_tree(path, overrides, flags))
 
 
 def _type_name(ann) -> str:

@@ -61,9 +61,9 @@ class CompareConfig(Strict):
 class PerplexityConfig(Strict):
     model: str = Field(description=MODEL_HELP)
     data: Path = Field(description=".txt (one document), .jsonl (`text` per line) or .json list")
-    max_length: int | None = Field(None, description="tokens per window (None: the model's positions)")
+    max_length: int | None = Field(None, ge=1, description="tokens per window (None: the model's positions)")
     stride: int | None = Field(None, description="tokens each window predicts (None: max_length, as lm-eval)")
-    batch_size: int | None = Field(None, description="windows per forward pass (None: 2,048 tokens' worth on CPU, "
+    batch_size: int | None = Field(None, ge=1, description="windows per forward pass (None: 2,048 tokens' worth on CPU, "
                                                      "16,384 on GPU)")
     device: Device = Field("auto", description=DEVICE_HELP)
     dtype: DType = Field("auto", description=DTYPE_HELP)
@@ -77,7 +77,7 @@ class HumanConfig(Strict):
     out: Path = Field(Path("eval-human"), description="directory for answers.jsonl, votes.sqlite and config.yaml")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
-    max_new_tokens: int = Field(256, description="longest answer in tokens")
+    max_new_tokens: int = Field(256, ge=1, description="longest answer in tokens")
     temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
     template: Literal["chat", "alpaca", "none"] = Field(
         "chat", description="prompt format: chat = one user turn in the model's chat template; alpaca = ### "
@@ -140,10 +140,6 @@ def run_perplexity(cfg: PerplexityConfig) -> int:
     from lmforge.eval.perplexity import read_documents, score
 
     docs = read_documents(cfg.data)
-    if cfg.max_length is not None and cfg.max_length < 1:
-        raise CliError(f"--max-length must be at least 1, got {cfg.max_length}")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     _prepare_out(cfg.out)
     model = EvalModel.load(cfg.model, device=cfg.device, max_length=cfg.max_length, dtype=cfg.dtype)
     if cfg.batch_size:
@@ -171,8 +167,6 @@ def run_human(cfg: HumanConfig) -> int:
         raise CliError(f"--models needs at least 2 models to compare, got {len(cfg.models)}")
     if len(set(cfg.models)) < len(cfg.models):
         raise CliError("--models names the same model twice")
-    if cfg.max_new_tokens < 1:
-        raise CliError("--max-new-tokens must be at least 1")
     prompts = read_prompts(cfg.prompts)
     for m in cfg.models:
         resolve(m)  # a missing path or unknown alias fails here, before any model is loaded

@@ -37,14 +37,29 @@ class EvalModel:
     """A loaded model and tokenizer with lm-eval's request semantics; `load` builds one from a model spec."""
 
     def __init__(self, m: InferenceModel, max_length: int | None = None, batch_tokens: int | None = None):
-        self.m, self.model, self.tok = m, m.model, m.tokenizer
-        self.device, self.dtype = m.device, m.dtype
+        self.m = m
         self.max_length = max_length or m.max_positions
-        self.batch_tokens = batch_tokens or BATCH_TOKENS.get(self.device.type, 4096)
+        self.batch_tokens = batch_tokens or BATCH_TOKENS.get(m.device.type, 4096)
         self.fast = m.runner_supported
         self._runner: Runner | None = None
         self._generator: Generator | None = None
         self.prefix_token_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+
+    @property
+    def model(self):
+        return self.m.model
+
+    @property
+    def tok(self):
+        return self.m.tokenizer
+
+    @property
+    def device(self):
+        return self.m.device
+
+    @property
+    def dtype(self):
+        return self.m.dtype
 
     @classmethod
     def load(cls, spec: str, device: str = "auto", max_length: int | None = None, batch_tokens: int | None = None,
