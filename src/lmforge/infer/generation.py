@@ -64,8 +64,7 @@ class Generator:
         if self._engine is None:
             self._engine = Engine(self.m.model, self.m.tokenizer, self.m.eos_ids, max_batch=self.max_batch,
                                   max_queue=1 << 30, max_model_len=self.max_model_len,
-                                  max_prefill_tokens=max(self.max_prefill_tokens, longest_prompt),
-                                  threads=torch.get_num_threads())
+                                  max_prefill_tokens=self.max_prefill_tokens, threads=torch.get_num_threads())
             self._engine.start()
         self._engine.max_prefill_tokens = max(self._engine.max_prefill_tokens, longest_prompt)
         return self._engine
