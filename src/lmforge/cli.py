@@ -9,6 +9,7 @@ import os
 import sys
 
 from lmforge import quickstart
+from lmforge.align import commands as align_commands
 from lmforge.command import CliError, Command, run
 from lmforge.config import ConfigError
 from lmforge.data import commands as data_commands
@@ -19,8 +20,8 @@ from lmforge.serve import commands as serve_commands
 from lmforge.tokens import commands as tokens_commands
 from lmforge.train import commands as train_commands
 
-STAGES = (quickstart, tokens_commands, train_commands, infer_commands, model_commands, serve_commands, eval_commands,
-          data_commands)
+STAGES = (quickstart, tokens_commands, train_commands, align_commands, infer_commands, model_commands, serve_commands,
+          eval_commands, data_commands)
 USAGE = "usage: lmforge [--version] COMMAND [CONFIG.yaml] [ARG ...] [key.path=value ...] [--flag VALUE ...]"
 
 

@@ -184,6 +184,16 @@ class Engine:
         if self.thread is not None:
             self.thread.join()
 
+    @torch.inference_mode()
+    def drain(self) -> None:
+        """Step in the calling thread until nothing waits or runs (no engine thread must be started).
+
+        Offline callers that need the same batches every time (seeded RL rollouts) use this: admission
+        then depends only on the submitted requests, never on thread timing."""
+        while self.waiting or self.running:
+            self.step()
+            self._flush()
+
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.running.set(len(self.running))
@@ -443,8 +453,8 @@ class Completion:
 
 
 def run_batch(engine: Engine, requests: list[tuple[list[int], SamplingParams]],
-              on_event: Callable[[int, Event], None] | None = None) -> list[Completion]:
-    """Submit every (prompt ids, params) to a started engine and wait for all of them.
+              on_event: Callable[[int, Event], None] | None = None, drain: bool = False) -> list[Completion]:
+    """Submit every (prompt ids, params) to a started engine (or, with `drain`, a stopped one) and wait for all.
 
     Returns each request's `n` completions, request by request. For offline callers (generation,
     evaluation, answer generation); `on_event(request index, event)` sees every event as it comes (on
@@ -475,6 +485,8 @@ def run_batch(engine: Engine, requests: list[tuple[list[int], SamplingParams]],
 
     for i, (ids, params) in enumerate(requests):
         engine.submit(Request(ids, params, sink_for(i)))
+    if drain:
+        engine.drain()
     with done:
         done.wait_for(lambda: not any(live))
     if failed:

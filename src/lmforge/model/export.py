@@ -5,7 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lmforge.model.load import load_model, load_tokenizer, model_source_info, resolve
+from lmforge.model.load import is_reward_model, load_model, load_tokenizer, model_source_info, resolve
 
 
 def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = False, dtype=None,
@@ -24,13 +24,15 @@ def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
     if r.kind == "adapter" and not merge_lora:
         raise ValueError(f"{spec} is a LoRA adapter: pass --merge-lora (merge_lora=True) to export base + adapter "
                          f"as one model, or use the adapter directory as it is")
-    model = load_model(spec, merge_adapter=True)
+    model = load_model(spec, merge_adapter=True, head="score" if is_reward_model(spec) else "lm")
     if dtype is not None:
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     tok = load_tokenizer(spec)
-    if model.generation_config.eos_token_id is None:
-        model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
+    gen = getattr(model, "generation_config", None)  # None on a reward model (it does not generate)
+    if gen is not None:
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tok.eos_token_id
+        gen.pad_token_id = tok.pad_token_id
     if hasattr(model.config, "quantization_config"):
         raise ValueError(f"{spec} loads quantized; export needs full-precision weights")
 

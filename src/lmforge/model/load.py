@@ -237,13 +237,26 @@ def load_tokenizer(spec: str | Path):
     return ensure_chat_template(tok)
 
 
-def load_model(spec: str | Path, *, dtype=None, device="cpu", quantization_config=None, merge_adapter: bool = False,
-               trainable_adapter: bool = False):
-    """An AutoModelForCausalLM from any spec; an adapter comes on its base as a PeftModel, or merged.
+def is_reward_model(spec: str | Path) -> bool:
+    """Whether `spec` is a scalar-head model: a *ForSequenceClassification directory or a SEQ_CLS LoRA adapter."""
+    r = resolve(spec)
+    if r.kind == "adapter":
+        return json.loads((Path(r.path) / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    config = Path(str(_hf_dir(r))) / "config.json"
+    if not config.is_file():
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in json.loads(config.read_text()).get("architectures") or [])
 
-    `quantization_config` (a transformers.BitsAndBytesConfig) loads the base in 4/8 bit, for QLoRA.
+
+def load_model(spec: str | Path, *, dtype=None, device="cpu", quantization_config=None, merge_adapter: bool = False,
+               trainable_adapter: bool = False, head: str = "lm"):
+    """An AutoModelForCausalLM (head="lm") or a one-score AutoModelForSequenceClassification (head="score").
+
+    An adapter comes on its base as a PeftModel, or merged. A causal LM loaded with head="score" gets a new
+    score layer, as TRL's reward trainer starts from one. `quantization_config` (a transformers
+    BitsAndBytesConfig) loads the base in 4/8 bit, for QLoRA.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     r = resolve(spec)
     base = r.base or r
@@ -253,8 +266,11 @@ def load_model(spec: str | Path, *, dtype=None, device="cpu", quantization_confi
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if quantization_config is not None:  # a bitsandbytes model is placed by from_pretrained and cannot be moved
         kwargs.update(quantization_config=quantization_config, device_map={"": str(device)})
+    auto = AutoModelForCausalLM
+    if head == "score":
+        auto, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = auto.from_pretrained(source, **kwargs)
     except Exception as e:
         raise _load_error(base, e) from e
     if quantization_config is None:

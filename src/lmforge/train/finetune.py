@@ -63,13 +63,16 @@ def trainable_summary(model: nn.Module) -> tuple[int, int, str]:
                               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-def build_model(cfg: FinetuneConfig, precision: str, device: torch.device) -> nn.Module:
-    """The base loaded for `cfg.method`: full (fp32 master weights), LoRA (frozen base in the compute dtype), QLoRA."""
+def build_model(cfg: FinetuneConfig, precision: str, device: torch.device, head: str = "lm") -> nn.Module:
+    """The base loaded for `cfg.method`: full (fp32 master weights), LoRA (frozen base in the compute dtype), QLoRA.
+
+    head="score" loads a one-score sequence classifier (a reward model) instead of a causal LM.
+    """
     from lmforge.model.load import load_model
 
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if cfg.method == "full":
-        return load_model(cfg.base_model, dtype=torch.float32, device=device)
+        return load_model(cfg.base_model, dtype=torch.float32, device=device, head=head)
 
     from peft import LoraConfig, get_peft_model
     if cfg.method == "qlora":
@@ -79,7 +82,7 @@ def build_model(cfg: FinetuneConfig, precision: str, device: torch.device) -> nn
         qdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(q.compute_dtype, compute)
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=qdtype)
-        base = load_model(cfg.base_model, dtype=qdtype, device=device, quantization_config=bnb)
+        base = load_model(cfg.base_model, dtype=qdtype, device=device, quantization_config=bnb, head=head)
         for m in base.modules():
             # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU inference kernel on the first
             # eval-mode no-grad forward (our step-0 eval); afterwards no gradient reaches the adapters.
@@ -90,11 +93,12 @@ def build_model(cfg: FinetuneConfig, precision: str, device: torch.device) -> nn
     else:
         # The frozen base never gets an optimizer update, so it is stored in the compute dtype: half the
         # memory and no per-step casts under autocast. The adapters stay fp32.
-        base = load_model(cfg.base_model, dtype=compute, device=device)
+        base = load_model(cfg.base_model, dtype=compute, device=device, head=head)
     lora = cfg.lora
     targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM", use_rslora=lora.rslora)
+                          bias="none", task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM",
+                          use_rslora=lora.rslora)
     model = get_peft_model(base, peft_cfg)
     model.peft_config["default"].base_model_name_or_path = portable_spec(cfg.base_model)
     return model
@@ -124,7 +128,8 @@ def model_writers(cfg: FinetuneConfig, model: nn.Module, tokenizer):
 
         def save(d: Path, sd: dict) -> None:
             model.save_pretrained(d, state_dict=sd, max_shard_size="1000GB")
-            model.generation_config.save_pretrained(d)
+            if getattr(model, "generation_config", None) is not None:  # a reward model has none
+                model.generation_config.save_pretrained(d)
             tokenizer.save_pretrained(d)
 
         def load(d: Path) -> dict:
@@ -136,8 +141,14 @@ def model_writers(cfg: FinetuneConfig, model: nn.Module, tokenizer):
 
         return save, load
 
-    # get_model_state_dict names parameters `...q_proj.lora_A.default.weight`; PEFT files drop the adapter name.
-    to_model = {n.replace(".default.", "."): n for n, p in model.named_parameters() if p.requires_grad}
+    # Names in the adapter file, as PEFT writes them (`...lora_A.weight`, a SEQ_CLS head's `score.weight`), back
+    # to the model's own (`...lora_A.default.weight`, `score.modules_to_save.default.weight`): PEFT's renaming is
+    # run on placeholders and each is found again by identity.
+    from peft import get_peft_model_state_dict
+    placeholders = {n: torch.empty(0) for n, p in model.named_parameters() if p.requires_grad}
+    by_id = {id(t): n for n, t in placeholders.items()}
+    renamed = get_peft_model_state_dict(model, state_dict=placeholders, save_embedding_layers=False)
+    to_model = {k: by_id[id(t)] for k, t in renamed.items() if id(t) in by_id}
 
     def save_adapter(d: Path, sd: dict) -> None:
         # Embeddings never train here; "auto" would look the base up on the hub to check for a resize.

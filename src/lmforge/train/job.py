@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lmforge.train.config import GuardConfig, LogConfig, TrainConfig
+from lmforge.train.metrics import StepMetrics
 
 Batch = Any
 # objective(model, micro_batch) -> (mean loss over the micro-batch's tokens, number of tokens)
@@ -34,6 +35,9 @@ class Job:
     trainable_only: bool = False  # checkpoints hold only trainable parameters (LoRA: the base is frozen)
     blocks: list[nn.Module] = field(default_factory=list)  # FSDP wrapping units
     flops_per_token: float | None = None
+    # An objective's own numbers (DPO's rewards/margins, a reward model's accuracy, rollout rewards): it adds
+    # them here; the engine writes their means into the next train line and into each eval line.
+    metrics: StepMetrics | None = None
 
 
 @dataclass

@@ -47,7 +47,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
         if state.step == 0 and tc.eval_every:
             first_val = evaluate(job, engine, rt, tc.parallel, state.micro_batch_size)
             if first_val:
-                logger.eval(0, *first_val, state.elapsed_before)
+                logger.eval(0, *first_val, state.elapsed_before, _extra(job, "eval"))
 
         while state.step < tc.max_steps:
             lr = lr_at(state.step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * state.lr_scale
@@ -73,6 +73,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
                 now = time.perf_counter()
                 tokens_per_sec = tokens_since_log / max(now - t_log, 1e-9)
                 record = _train_record(state, loss, lr, grad_norm, tokens_per_sec, now, engine)
+                record.update(_extra(job, "train"))
                 if peak and job.flops_per_token:
                     record["mfu"] = tokens_per_sec * job.flops_per_token / (peak * rt.world_size)
                 logger.train(record)
@@ -109,5 +110,10 @@ def _evaluate_and_log(job: Job, engine: Engine, rt: Runtime, parallel: str, stat
     """Evaluate at `state.step` and write the eval line; None when the job has no eval batches."""
     result = evaluate(job, engine, rt, parallel, state.micro_batch_size)
     if result:
-        logger.eval(state.step, *result, state.elapsed())
+        logger.eval(state.step, *result, state.elapsed(), _extra(job, "eval"))
     return result
+
+
+def _extra(job: Job, mode: str) -> dict:
+    """The objective's own numbers since they were last written (none for jobs that keep none)."""
+    return job.metrics.take(mode) if job.metrics is not None else {}

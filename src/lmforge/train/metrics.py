@@ -35,6 +35,26 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+class StepMetrics:
+    """Weighted means of an objective's extra numbers since they were last taken, per mode (train or eval)."""
+
+    def __init__(self):
+        self._sums: dict[tuple[str, str], list[float]] = {}
+
+    def add(self, mode: str, values: dict, weight: float = 1.0) -> None:
+        """Add `values` (floats or 0-d tensors) with `weight` (e.g. the pairs they were measured on)."""
+        for key, value in values.items():
+            acc = self._sums.setdefault((mode, key), [0.0, 0.0])
+            acc[0] += float(value) * weight
+            acc[1] += weight
+
+    def take(self, mode: str) -> dict[str, float]:
+        """The means added in `mode` since the last take, and forget them."""
+        out = {k: s / max(n, 1e-12) for (m, k), (s, n) in self._sums.items() if m == mode}
+        self._sums = {key: v for key, v in self._sums.items() if key[0] != mode}
+        return out
+
+
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger whose calls do nothing."""
 
@@ -80,15 +100,22 @@ class MetricsLogger:
         if self.enabled and self.bar:
             self.bar.update(n)
 
-    def eval(self, step: int, val_loss: float, val_ppl: float, elapsed_s: float) -> None:
+    def eval(self, step: int, val_loss: float, val_ppl: float, elapsed_s: float, extra: dict | None = None) -> None:
+        """One eval line; `extra` holds an objective's own held-out numbers (accuracy, margin, ...)."""
         if not self.enabled:
             return
-        self._write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl, "elapsed_s": elapsed_s})
+        extra = extra or {}
+        self._write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl, "elapsed_s": elapsed_s,
+                     **{f"val_{k}": v for k, v in extra.items()}})
         if self.tb:
             self.tb.add_scalar("eval/val_loss", val_loss, step)
+            for k, v in extra.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
         if self.wandb:
-            self.wandb.log({"eval/val_loss": val_loss, "eval/val_ppl": val_ppl}, step=step)
-        self.say(f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.2f}")
+            self.wandb.log({"eval/val_loss": val_loss, "eval/val_ppl": val_ppl,
+                            **{f"eval/{k}": v for k, v in extra.items()}}, step=step)
+        shown = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+        self.say(f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.2f}{shown}")
 
     def event(self, step: int, event: str, detail: str) -> None:
         if not self.enabled:
