@@ -53,6 +53,21 @@ class TasksConfig(Strict):
         return items
 
 
+class PreferenceConfig(Strict):
+    model: str = Field(description="a reward model (align algorithm=reward run, HF sequence classifier, SEQ_CLS "
+                                   "adapter) or a policy (scored with --reference)")
+    data: str = Field(description="preference pairs: prompt/chosen/rejected, or HH-RLHF chosen/rejected dialogues")
+    reference: str | None = Field(None, description="the policy's reference model (DPO's implicit reward)")
+    beta: float = Field(0.1, gt=0, description="implicit reward scale (the DPO run's dpo.beta)")
+    template: Literal["auto", "chat", "none"] = Field("auto", description="as align's data.template")
+    max_length: int = Field(1024, gt=1, description="prompt + answer tokens; longer pairs are truncated (counted)")
+    limit: int | None = Field(None, gt=0, description="first N records")
+    batch_size: int = Field(4, ge=1, description="pairs per forward pass")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    dtype: DType = Field("auto", description=DTYPE_HELP)
+    out: Path | None = Field(None, description="write the result (with this config) to this JSON file")
+
+
 class CompareConfig(Strict):
     run_a: str = Field(description="results JSON of `eval tasks` or lm-eval (or a directory holding one)")
     run_b: str = Field(description="results JSON of `eval tasks` or lm-eval (or a directory holding one)")
@@ -156,6 +171,24 @@ def run_perplexity(cfg: PerplexityConfig) -> int:
     return 0
 
 
+def run_preference(cfg: PreferenceConfig) -> int:
+    from lmforge.eval.preference import score_preferences
+
+    _prepare_out(cfg.out)
+    try:
+        r = score_preferences(cfg.model, cfg.data, cfg.reference, beta=cfg.beta, max_length=cfg.max_length,
+                              max_examples=cfg.limit, batch_size=cfg.batch_size, template=cfg.template,
+                              device=cfg.device, dtype=cfg.dtype)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    rep = r["data_report"]
+    print(f"{r['model']} on {r['data']} ({r['scored_by']}): accuracy {r['accuracy']:.4f}, margin {r['margin']:.4f}, "
+          f"n {r['n']} (skipped: {sum(rep['skipped'].values())}, truncated: {rep['truncated']})")
+    if cfg.out:
+        _write_json(cfg.out, {**r, "config": cfg.model_dump(mode="json")})
+    return 0
+
+
 def run_human(cfg: HumanConfig) -> int:
     from lmforge.config import dump_config
     from lmforge.eval.human.answers import Settings, ensure_answers, read_prompts
@@ -214,6 +247,11 @@ COMMANDS = [
             lambda: PerplexityConfig, run_perplexity, positionals=("model",),
             description="Token, word and byte perplexity and bits per byte of MODEL on documents (lm-eval's "
                         "definitions and windows)."),
+    Command("eval preference", "share of preference pairs a reward model (or a policy vs its reference) gets right",
+            lambda: PreferenceConfig, run_preference, positionals=("model",),
+            description="Score chosen against rejected answers: a reward model directly, a policy by DPO's implicit "
+                        "reward beta * (log pi - log pi_ref) against --reference. Prints accuracy, mean margin and "
+                        "n; out=F.json writes them with the data report."),
     Command("eval human", "web page for pairwise votes and 1-5 ratings; Elo and Bradley-Terry leaderboard",
             lambda: HumanConfig, run_human, multi=("models",),
             description="Generate each model's answer to every prompt once (cached in OUT/answers.jsonl), then serve "
