@@ -240,6 +240,7 @@ class Renderer:
         return messages
 
     def _render(self, messages: list[dict], gen: bool) -> str:
+        ensure_chat_template(self.tok)  # message records need a template even under `auto`: ChatML when none
         try:
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # noqa: BLE001 - templates raise what they like
