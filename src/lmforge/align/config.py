@@ -66,6 +66,8 @@ class GRPOSection(SamplingSection):
     epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip: ratio >= 1 - epsilon")
     epsilon_high: float | None = Field(None, gt=0, description="upper clip: ratio <= 1 + epsilon_high (default epsilon)")
     beta: float = Field(0.0, ge=0, description="KL to the reference; 0 holds no reference at all")
+    kl_bias_correction: bool = Field(True, description="weight the per-token KL by the importance ratio (TRL's "
+                                                       "use_bias_correction_kl)")
     num_iterations: int = Field(1, gt=0, description="updates per generated batch (mu)")
     eval_prompts: int = Field(64, ge=0, description="held-out prompts scored (greedy) before and after")
 

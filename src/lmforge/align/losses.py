@@ -101,13 +101,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               loss_type: str, epsilon: float, epsilon_high: float, beta: float = 0.0,
               ref_logps: torch.Tensor | None = None, max_completion_length: int | None = None,
-              num_items: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              num_items: float | None = None, kl_bias_correction: bool = True
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate over (B, T) completion tokens; returns (loss, stats).
 
     grpo averages each completion's tokens then the completions; dr_grpo divides the token sum by
     B * max_completion_length (no length bias); dapo divides it by `num_items`, the completion tokens
     of the whole step (pass the step's count over accumulation: the engine divides by it after). The
-    KL term (k3 to the reference) is added per token only when beta > 0, as in TRL.
+    KL term (k3 to the reference, times the importance ratio unless `kl_bias_correction` is off) is added
+    per token only when beta > 0, as in TRL.
     """
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
@@ -119,6 +121,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         if ref_logps is None:
             raise ValueError("beta > 0 needs the reference log-probs")
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if kl_bias_correction:  # the KL of tokens sampled from the old policy, importance-weighted (TRL's default)
+            kl = kl * ratio
         per_token = per_token + beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask)
     if loss_type == "grpo":

@@ -95,8 +95,9 @@ def reward_objective(center_rewards: float | None, metrics: StepMetrics):
         chosen, rejected = scores[:b], scores[b:]
         margin = batch.get("margin")
         loss = reward_loss(chosen, rejected, None if margin is None else margin.to(scores.device), center_rewards)
+        mode = _mode()  # read before no_grad, which would make every step look like evaluation
         with torch.no_grad():
-            metrics.add(_mode(), {"accuracy": (chosen > rejected).float().mean(),
+            metrics.add(mode, {"accuracy": (chosen > rejected).float().mean(),
                                   "margin": (chosen - rejected).mean(), "mean_reward": scores.mean()}, weight=b)
         return loss, b
     return objective

@@ -171,7 +171,7 @@ class GRPO:
         loss, stats = grpo_loss(logps, old, batch["advantages"].to(lp.device), mask, loss_type=c.loss_type,
                                 epsilon=c.epsilon, epsilon_high=c.epsilon_high or c.epsilon, beta=c.beta,
                                 ref_logps=ref, max_completion_length=c.max_completion_length,
-                                num_items=float(batch["num_items"]))
+                                num_items=float(batch["num_items"]), kl_bias_correction=c.kl_bias_correction)
         b = len(lengths)
         self.metrics.add("train", {"entropy": ent.mean(), **stats}, weight=b)
         return loss, b
