@@ -18,8 +18,9 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("align-tiny"), seed=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tok(model_dir):
+    """A fresh tokenizer per test: rendering with template=chat gives it a chat template."""
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_dir)
 

@@ -7,10 +7,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmforge.align.data import AlignDataConfig
-from lmforge.align.losses import DPO_LOSSES, GRPO_LOSSES
 from lmforge.config import Strict
 from lmforge.train.config import (FinetuneTrainConfig, GuardConfig, LogConfig, LoraConfigSection, QLoraConfigSection,
                                   check_resume)
+
+DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
 class AlignTrainConfig(FinetuneTrainConfig):

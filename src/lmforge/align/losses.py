@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
-GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+from lmforge.align.config import DPO_LOSSES, GRPO_LOSSES
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
