@@ -98,10 +98,11 @@ def test_bad_pairs_are_counted_with_their_line(tmp_path, tok):
 def test_prompts_from_gsm8k_and_hh(tmp_path, tok, math_file, pairs_file):
     from lmforge.align.data import AlignDataConfig, load_prompts
 
-    d = load_prompts(AlignDataConfig(path=str(math_file), val_size=4, system_prompt="Be brief."), tok, 0)
+    d = load_prompts(AlignDataConfig(path=str(math_file), val_size=4, system_prompt="Be brief.", template="chat"),
+                     tok, 0)
     assert len(d.train) == 28 and len(d.val) == 4 and "answer" in d.train[0].record
     assert "Be brief." in tok.decode(d.train[0].ids)
-    h = load_prompts(AlignDataConfig(path=str(pairs_file), val_size=0), tok, 0).train[0]
+    h = load_prompts(AlignDataConfig(path=str(pairs_file), val_size=0, template="chat"), tok, 0).train[0]
     assert tok.decode(h.ids).endswith("<|im_start|>assistant\n") and "and then" in tok.decode(h.ids)
 
 
