@@ -17,8 +17,9 @@ def summary_text(s: dict) -> str:
     held = s.get("heldout") or []
     keys = [k for k in ("val_accuracy", "val_margin", "val_rewards/accuracies", "val_rewards/margins") if held and k in held[0]]
     for k in keys:
-        lines.append(f"held-out {k[4:]}: {held[0][k]:.4f} at step {held[0]['step']} -> {held[-1][k]:.4f} at step "
-                     f"{held[-1]['step']}")
+        first, last = held[0], held[-1]
+        start = f"{first[k]:.4f} at step {first['step']} -> " if first["step"] != last["step"] else ""
+        lines.append(f"held-out {k[4:]}: {start}{last[k]:.4f} at step {last['step']}")
     before, after = s.get("heldout_before") or {}, s.get("heldout_after") or {}
     for k, v in after.items():
         if isinstance(v, float) and k != "mean_length":
