@@ -298,3 +298,21 @@ def test_reward_function_that_raises_stops_before_training(tmp_path, model_dir, 
                 f"out_dir={tmp_path / 'out'}", f"grpo.rewards=[{f}:r]", *COMMON, check=False, timeout=120)
     assert p.returncode != 0 and "raised ZeroDivisionError" in p.stderr and "before training" in p.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_padded_rows_give_the_packed_values(model_dir):
+    """data.packing=false (one right-padded row per sequence) computes the same log-probs, values and scores."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lmforge.align.models import PolicyModel, RewardModel, pack, policy_logps, reward_scores
+
+    seqs = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([15, 16], [17])]
+    torch.manual_seed(0)
+    policy = PolicyModel(AutoModelForCausalLM.from_pretrained(model_dir), value_head=True).eval()
+    rm = RewardModel(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)).eval()
+    with torch.no_grad():
+        packed, rows = policy_logps(policy, pack(seqs), values=True), policy_logps(policy, pack(seqs, rows=True), values=True)
+        torch.testing.assert_close(packed[0], rows[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[2], rows[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reward_scores(rm, pack(seqs)), reward_scores(rm, pack(seqs, rows=True)),
+                                   atol=1e-5, rtol=1e-5)

@@ -42,6 +42,8 @@ class AlignDataConfig(Strict):
     truncation: Literal["truncate", "drop"] = Field("truncate", description="what happens to a pair over max_length")
     val_size: float = Field(0.05, ge=0, description="<1: fraction held out, >=1: a count; 0: none")
     max_examples: int | None = Field(None, gt=0, description="use only the first N records")
+    packing: bool = Field(True, description="a micro-batch's sequences share one padding-free row; false: one "
+                                            "right-padded row each (less attention work when sequences are long)")
     system_prompt: str | None = Field(None, description="chat: a system message for conversations that have none")
 
     @field_validator("path")

@@ -2,7 +2,8 @@
 
 A micro-batch is one padding-free row: its sequences back to back, kept apart by position ids that
 restart at 0 (transformers builds the block-diagonal mask from them when no attention mask is given),
-with logits computed only where an answer token is predicted. A DPO pair is two sequences in one
+with logits computed only where an answer token is predicted. `data.packing=false` gives each
+sequence its own right-padded row instead: more positions, but attention only within each row. A DPO pair is two sequences in one
 row; a GRPO group is G. `PolicyModel` (a causal LM, optionally with PPO's value head) and
 `RewardModel` (a sequence classifier's backbone and score) are the modules the engine wraps, so
 DDP/FSDP, checkpoints and precision apply to them as to any model.
@@ -17,33 +18,38 @@ import torch
 from torch import nn
 
 
-def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
-    """One row of (prompt, answer) sequences.
+def pack(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], rows: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of (prompt, answer) sequences: one padding-free row, or (`rows`) one right-padded row each.
 
-    keep: the row positions whose next token is an answer token (where logits are needed); targets: those
-    tokens; seg: the sequence each belongs to; last: each sequence's last position; answer_tokens: each
-    answer's length; value_positions: per sequence, its keep positions and its last position (PPO's values).
+    Positions are flat indices into the (rows x length) batch. keep: the positions whose next token is an
+    answer token (where logits are needed); targets: those tokens; seg: the sequence each belongs to; last:
+    each sequence's last position; answer_tokens: each answer's length; value_positions: per sequence, its
+    keep positions and its last position (PPO's values). Right padding needs no attention mask: under the
+    causal mask no real token sees the padding after it.
     """
+    seqs = [(list(map(int, p)), list(map(int, a))) for p, a in seqs]
+    if any(not p for p, _ in seqs):
+        raise ValueError("a sequence needs at least one prompt token to predict its answer from")
+    width = max(len(p) + len(a) for p, a in seqs)
     ids, pos, keep, tgt, seg, last, alen, vpos = [], [], [], [], [], [], [], []
     x = 0
     for s, (prompt, answer) in enumerate(seqs):
-        prompt, answer = list(map(int, prompt)), list(map(int, answer))
         p, a = len(prompt), len(answer)
-        if p < 1:
-            raise ValueError("a sequence needs at least one prompt token to predict its answer from")
-        ids += prompt + answer
-        pos += range(p + a)
+        n = width if rows else p + a
+        ids += prompt + answer + [0] * (n - p - a)
+        pos += range(n)
         keep += range(x + p - 1, x + p + a - 1)
         tgt += answer
         seg += [s] * a
         last.append(x + p + a - 1)
         alen.append(a)
         vpos += range(x + p - 1, x + p + a)
-        x += p + a
+        x += n
     t = lambda v: torch.as_tensor(np.asarray(v, dtype=np.int64))  # noqa: E731
-    return {"input_ids": t(ids)[None], "position_ids": t(pos)[None], "keep": t(keep), "targets": t(tgt),
+    shape = (len(seqs), width) if rows else (1, x)
+    return {"input_ids": t(ids).view(shape), "position_ids": t(pos).view(shape), "keep": t(keep), "targets": t(tgt),
             "seg": t(seg), "last": t(last), "answer_tokens": t(alen), "value_positions": t(vpos),
-            "n_tokens": torch.tensor(x)}
+            "n_tokens": torch.tensor(sum(len(p) + len(a) for p, a in seqs))}
 
 
 def seq_sum(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,13 +112,19 @@ class PolicyModel(nn.Module):
                 value_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits at `keep` (N, V), values at `value_positions` in fp32 or None)."""
         want_values = self.v_head is not None and value_positions is not None
-        out = self.lm(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False,
-                      output_hidden_states=want_values)
+        if input_ids.shape[0] == 1:  # one packed row: the model computes logits at `keep` only
+            out = self.lm(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False,
+                          output_hidden_states=want_values)
+            logits, h = out.logits[0], out.hidden_states[-1][0] if want_values else None
+        else:  # padded rows: flat positions of the backbone's output, then the head (Llama-family: a plain lm_head)
+            base = base_model(self.lm)
+            h = getattr(base, base.base_model_prefix)(input_ids=input_ids, position_ids=position_ids,
+                                                      use_cache=False).last_hidden_state.flatten(0, 1)
+            logits = base.get_output_embeddings()(h[keep])
         values = None
         if want_values:
-            h = out.hidden_states[-1][0, value_positions]
-            values = self.v_head(h.to(self.v_head.weight.dtype)).squeeze(-1).float()
-        return out.logits[0], values
+            values = self.v_head(h[value_positions].to(self.v_head.weight.dtype)).squeeze(-1).float()
+        return logits, values
 
     @contextlib.contextmanager
     def reference(self):
@@ -132,7 +144,7 @@ class RewardModel(nn.Module):
         base = base_model(self.lm)
         backbone = getattr(base, base.base_model_prefix)
         h = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return base.score(h[0, last]).squeeze(-1).float()
+        return base.score(h.flatten(0, 1)[last]).squeeze(-1).float()
 
 
 def policy_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, entropy: bool = False,

@@ -21,9 +21,10 @@ from lmforge.align.models import pack, policy_logps, reward_scores, seq_sum, unw
 from lmforge.train.metrics import StepMetrics
 
 
-def collate_pairs(pairs: list[Pair], index: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """A packed row of [chosen..., rejected...]; `pair_index` says which pairs (for precomputed reference log-probs)."""
-    batch = pack([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs])
+def collate_pairs(pairs: list[Pair], index: list[int] | None = None, rows: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of [chosen..., rejected...] (one packed row, or `rows`); `pair_index` says which pairs (for
+    precomputed reference log-probs)."""
+    batch = pack([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], rows)
     batch["n_pairs"] = torch.tensor(len(pairs))
     if all(p.margin is not None for p in pairs):
         batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
@@ -56,7 +57,7 @@ def micro_slices(step: int, micro_bs: int, accum: int, rank: int, world: int) ->
         yield range(lo, lo + micro_bs)
 
 
-def pair_batches(pairs: list[Pair], seed: int) -> Callable:
+def pair_batches(pairs: list[Pair], seed: int, rows: bool = False) -> Callable:
     """The engine's `train_batches` over `pairs`."""
     order = EpochOrder(len(pairs), seed)
 
@@ -64,17 +65,17 @@ def pair_batches(pairs: list[Pair], seed: int) -> Callable:
         out = []
         for s in micro_slices(step, micro_bs, accum, rank, world):
             index = [order[u] for u in s]
-            out.append(collate_pairs([pairs[i] for i in index], index))
+            out.append(collate_pairs([pairs[i] for i in index], index, rows))
         return out
     return batches
 
 
-def eval_pair_batches(pairs: list[Pair]) -> Callable:
+def eval_pair_batches(pairs: list[Pair], rows: bool = False) -> Callable:
     """The engine's `eval_batches`: the held-out pairs in order; rank r takes batches r, r + world, ..."""
     def batches(micro_bs: int, rank: int, world: int):
         starts = range(0, len(pairs), micro_bs)
         for lo in starts[rank::world]:
-            yield collate_pairs(pairs[lo:lo + micro_bs])
+            yield collate_pairs(pairs[lo:lo + micro_bs], rows=rows)
     return batches
 
 

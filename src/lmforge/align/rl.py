@@ -44,13 +44,14 @@ def columns(records: list[dict], repeat: int) -> dict[str, list]:
 
 @torch.no_grad()
 def _per_sequence(model: nn.Module, seqs: list[tuple], micro_bs: int, temperature: float, values: bool = False,
-                  reference: nn.Module | None | bool = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                  reference: nn.Module | None | bool = None, rows: bool = False
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-sequence answer log-probs (and values) in chunks of micro_bs; `reference` True: the adapter switched off,
     a module: that frozen model."""
     lps, vals = [], []
     for lo in range(0, len(seqs), micro_bs):
         chunk = seqs[lo:lo + micro_bs]
-        batch = pack(chunk)
+        batch = pack(chunk, rows)
         if reference is True:
             with unwrap(model).reference():
                 lp, _, v = policy_logps(model, batch, temperature)
@@ -77,11 +78,12 @@ class Rollouts:
     """Generates and scores a cycle's batch; shared by GRPO and PPO."""
 
     def __init__(self, policy: nn.Module, tokenizer, eos_ids: list[int], prompts: list[Prompt], seed: int,
-                 sampling, generator: LiveGenerator, metrics: StepMetrics):
+                 sampling, generator: LiveGenerator, metrics: StepMetrics, rows: bool = False):
         self.policy, self.tok, self.eos_ids = policy, tokenizer, set(eos_ids)
         self.prompts, self.seed, self.s = prompts, seed, sampling
         self.order = EpochOrder(len(prompts), seed)
         self.gen, self.metrics = generator, metrics
+        self.rows = rows  # batch layout: one packed row, or one padded row per sequence (data.packing=false)
 
     def sample(self, cycle: int, n_prompts: int, n: int) -> tuple[list[Prompt], list[list[int]], list[str]]:
         """The cycle's prompts and `n` completions of each (token ids, EOS kept; text), with timing metrics."""
@@ -131,9 +133,11 @@ class GRPO:
         seqs = [(prompts[i // G].ids, t) for i, t in enumerate(ids)]
         tensors: dict = {"advantages": advantages}
         if self.cfg.num_iterations > 1:
-            tensors["old_logps"] = _per_sequence(policy, seqs, self.micro_bs, self.cfg.temperature)[0]
+            tensors["old_logps"] = _per_sequence(policy, seqs, self.micro_bs, self.cfg.temperature,
+                                                 rows=self.r.rows)[0]
         if self.cfg.beta > 0:
-            tensors["ref_logps"] = _per_sequence(policy, seqs, self.micro_bs, self.cfg.temperature, reference=True)[0]
+            tensors["ref_logps"] = _per_sequence(policy, seqs, self.micro_bs, self.cfg.temperature, reference=True,
+                                                 rows=self.r.rows)[0]
         policy.train(was_training)
         stats = {"reward": rewards.mean(), "reward_std": rewards.view(-1, G).std(1).mean(),
                  "frac_reward_zero_std": zero_std.float().mean()}
@@ -151,7 +155,7 @@ class GRPO:
         buf, out = self.buffer, []
         for s in micro_slices(0, micro_bs, accum, rank, world):
             idx = list(s)
-            batch = pack([buf.seqs[i] for i in idx])
+            batch = pack([buf.seqs[i] for i in idx], self.r.rows)
             batch["advantages"] = buf.tensors["advantages"][idx]
             for key in ("old_logps", "ref_logps"):
                 if key in buf.tensors:
@@ -200,9 +204,9 @@ class PPO:
         policy.eval()
         prompts, ids, texts = self.r.sample(cycle, n, 1)
         seqs = [(p.ids, t) for p, t in zip(prompts, ids)]
-        logps, values = _per_sequence(policy, seqs, self.micro_bs, c.temperature, values=True)
+        logps, values = _per_sequence(policy, seqs, self.micro_bs, c.temperature, values=True, rows=self.r.rows)
         ref, _ = _per_sequence(policy, seqs, self.micro_bs, c.temperature,
-                               reference=self.ref_model if self.ref_model is not None else True)
+                               reference=self.ref_model if self.ref_model is not None else True, rows=self.r.rows)
         policy.train(was_training)
         scores = self.reward(seqs, texts, prompts).float()
         eos = torch.tensor([self.r.ends_with_eos(t) for t in ids])
@@ -246,7 +250,7 @@ class PPO:
         t, out = self.buffer.tensors, []
         for s in micro_slices(0, micro_bs, accum, rank, world):
             sel = torch.as_tensor(rows[list(s)])
-            batch = pack([self.buffer.seqs[j] for j in sel.tolist()])
+            batch = pack([self.buffer.seqs[j] for j in sel.tolist()], self.r.rows)
             for key in ("logps", "values", "advantages", "returns"):
                 batch[f"old_{key}"] = t[key][sel]
             out.append(batch)

@@ -158,13 +158,14 @@ def align(cfg: AlignConfig) -> dict:
         if needs_ref and cfg.method == "full":
             ref_model = _frozen(PolicyModel(load_model(cfg.base_model, dtype=compute, device=rt.device)))
         extra, before = None, None
+        rows = not cfg.data.packing
         eval_batches = None
         if cfg.algorithm == "reward":
             inner.config.pad_token_id = tokenizer.pad_token_id
             model = RewardModel(inner)
             objective = reward_objective(cfg.reward.center_rewards, metrics)
-            train_batches = pair_batches(data.train, cfg.seed)
-            eval_batches = eval_pair_batches(data.val) if data.val else None
+            train_batches = pair_batches(data.train, cfg.seed, rows)
+            eval_batches = eval_pair_batches(data.val, rows) if data.val else None
         elif cfg.algorithm == "dpo":
             model = PolicyModel(inner)
             table = None
@@ -173,8 +174,8 @@ def align(cfg: AlignConfig) -> dict:
                                              ref_model, tc.micro_batch_size)
             objective = dpo_objective(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, ref_model, table,
                                       metrics)
-            train_batches = pair_batches(data.train, cfg.seed)
-            eval_batches = eval_pair_batches(data.val) if data.val else None
+            train_batches = pair_batches(data.train, cfg.seed, rows)
+            eval_batches = eval_pair_batches(data.val, rows) if data.val else None
         else:
             model = PolicyModel(inner, value_head=cfg.algorithm == "ppo").to(rt.device)
             eos = eos_ids(inner, tokenizer)
@@ -183,7 +184,7 @@ def align(cfg: AlignConfig) -> dict:
                                 max_model_len=cfg.data.max_prompt_length + (cfg.grpo if cfg.algorithm == "grpo"
                                                                            else cfg.ppo).max_completion_length + 1)
             sampling = cfg.grpo if cfg.algorithm == "grpo" else cfg.ppo
-            rollouts = Rollouts(model, tokenizer, eos, data.train, cfg.seed, sampling, gen, metrics)
+            rollouts = Rollouts(model, tokenizer, eos, data.train, cfg.seed, sampling, gen, metrics, rows)
             n_eval = sampling.eval_prompts
             scorer = None
             if cfg.algorithm == "grpo":
