@@ -21,10 +21,10 @@ from lmforge.align.models import PolicyModel, RewardModel, pack, policy_logps, s
 from lmforge.align.pairs import (dpo_objective, eval_pair_batches, pair_batches, pair_tokens, precompute_reference,
                                  reward_objective)
 from lmforge.align.rewards import BUILTIN, load_reward_function, score
-from lmforge.align.rl import (GRPO, PPO, Rollouts, function_scorer, load_rl_state, reward_model_scorer,
+from lmforge.align.rl import (GRPO, PPO, Rollouts, columns, function_scorer, load_rl_state, reward_model_scorer,
                               save_rl_state)
 from lmforge.config import dump_config
-from lmforge.device import resolve_precision
+from lmforge.device import inference_dtype, resolve_precision
 from lmforge.infer.engine import SamplingParams
 from lmforge.infer.live import LiveGenerator
 from lmforge.infer.prompts import eos_ids
@@ -49,7 +49,6 @@ def preflight(cfg: AlignConfig) -> dict:
 
 def probe(fns: dict, record: dict, text: str) -> None:
     """Call each reward function once on a made-up completion, so one that raises stops the run before training."""
-    from lmforge.align.rl import columns
     try:
         score(fns, [text], ["The answer is 0.\n#### 0"], columns([record], 1))
     except RuntimeError as e:
@@ -96,7 +95,6 @@ def heldout_scores(cfg: AlignConfig, gen: LiveGenerator, policy: PolicyModel, pr
     done = gen.generate([p.ids for p in prompts], params)
     ids = [c.token_ids or [gen.tok.eos_token_id] for c in done]
     texts = [gen.tok.decode(t, skip_special_tokens=True) for t in ids]
-    from lmforge.align.rl import columns
     cols = columns([p.record for p in prompts], 1)
     out = {"n": len(prompts), "mean_length": sum(map(len, ids)) / len(ids)}
     checks = dict(fns)
@@ -179,7 +177,6 @@ def align(cfg: AlignConfig) -> dict:
         else:
             model = PolicyModel(inner, value_head=cfg.algorithm == "ppo").to(rt.device)
             eos = eos_ids(inner, tokenizer)
-            from lmforge.device import inference_dtype
             gen = LiveGenerator(inner, tokenizer, eos, rt.device, inference_dtype(rt.device, "auto"),
                                 max_model_len=cfg.data.max_prompt_length + (cfg.grpo if cfg.algorithm == "grpo"
                                                                            else cfg.ppo).max_completion_length + 1)
