@@ -3,7 +3,7 @@ GRPOTrainer + PEFT, the same job on each side, one side at a time.
 
     python bench/align_cpu.py [--algos dpo,reward,grpo] [--precision fp32|bf16] [--steps 12] [--batch 4]
         [--grpo-steps 4] [--grpo-batch 8] [--num-generations 4] [--max-completion-length 64]
-        [--max-length 256] [--keep DIR] [--json FILE] [--skip-trl | --skip-lmforge]
+        [--max-length 256] [--keep DIR] [--json FILE] [--skip-trl | --skip-lmforge] [lmforge key=value ...]
 
 Both sides load the base from the same HF directory (`lmforge.model.load.hf_dir('smollm2-135m-instruct')`,
 converted once in this parent process before any side runs; lmforge gets that directory as `base_model`). Each
@@ -163,6 +163,7 @@ def run_lmforge(a, algo: str, hf: Path, data: Path, work: Path) -> dict:
                 f"grpo.max_completion_length={a.max_completion_length}", "grpo.temperature=1.0", "grpo.top_p=1.0",
                 "grpo.top_k=0", "grpo.loss_type=grpo", "grpo.beta=0", "grpo.epsilon=0.2", "grpo.epsilon_high=0.2",
                 "grpo.num_iterations=1", "grpo.scale_rewards=group", "grpo.eval_prompts=0", f"grpo.rewards={fns}"]
+    cmd += a.overrides  # extra lmforge key=value settings from the command line, applied last
     proc = run_side(f"lmforge-{algo}", cmd, work, a.wait_idle)
     recs = read_jsonl(out / "metrics.jsonl")
     steps_ = sorted((r for r in recs if "loss" in r and "elapsed_s" in r and "val_loss" not in r),
@@ -346,6 +347,8 @@ def main() -> int:
     p.add_argument("--skip-lmforge", action="store_true")
     p.add_argument("--keep", type=Path, help="keep the work files (data, logs, metrics) in this directory")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("overrides", nargs="*", help="lmforge key=value settings for every lmforge side "
+                                                "(e.g. data.packing=false)")
     a = p.parse_args()
     algos = [x.strip() for x in a.algos.split(",") if x.strip()]
     if bad := [x for x in algos if x not in CONFIGS]:
