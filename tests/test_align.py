@@ -182,8 +182,23 @@ def test_reward_model_trains_scores_and_exports(tmp_path, model_dir, pairs_file)
     r = json.loads(res.read_text())
     assert r["n"] == 48 and r["accuracy"] > 0.9 and r["margin"] > 0 and r["scored_by"] == "reward model"
     run_cli("export", str(out), "--merge-lora", "--out", str(tmp_path / "rm-hf"))
-    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf")
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
     assert rm.config.num_labels == 1
+    # transformers scores an exported pair (padded batch, its own pooling) as lmforge scores it (packed)
+    from transformers import AutoTokenizer
+
+    from lmforge.align.data import AlignDataConfig, load_pairs
+    from lmforge.align.models import RewardModel, pack, reward_scores
+
+    pair = load_pairs(AlignDataConfig(path=str(pairs_file), val_size=0), AutoTokenizer.from_pretrained(out / "checkpoints" / "step-0000030"), 0).train[0]
+    seqs = [(pair.prompt, pair.chosen), (pair.prompt, pair.rejected)]
+    ours = reward_scores(RewardModel(rm), pack(seqs))
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.tensor([[*p, *a] + [rm.config.pad_token_id] * (width - len(p) - len(a)) for p, a in seqs])
+    with torch.no_grad():
+        theirs = rm(input_ids=ids, attention_mask=(torch.arange(width)[None] < torch.tensor(
+            [[len(p) + len(a)] for p, a in seqs])).long()).logits[:, 0]
+    torch.testing.assert_close(ours.detach(), theirs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -134,7 +134,12 @@ class PolicyModel(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """A sequence classifier (full or PEFT) scoring each sequence of a packed row at its last token."""
+    """A sequence classifier (full or PEFT) scoring each sequence at its last token that is not the pad token.
+
+    That is where transformers' `*ForSequenceClassification` pools a padded row, so an exported reward
+    model scores the same when it is loaded with AutoModelForSequenceClassification; with pad == EOS
+    (SmolLM2), the token before the answer's closing EOS.
+    """
 
     def __init__(self, seq_cls: nn.Module):
         super().__init__()
@@ -144,6 +149,9 @@ class RewardModel(nn.Module):
         base = base_model(self.lm)
         backbone = getattr(base, base.base_model_prefix)
         h = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        pad = base.config.pad_token_id
+        if pad is not None:
+            last = last - (input_ids.flatten()[last] == pad).long()
         return base.score(h.flatten(0, 1)[last]).squeeze(-1).float()
 
 
