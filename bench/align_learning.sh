@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Learning on the real model (issue 13's acceptance): SmolLM2-135M-Instruct, LoRA, on CPU, bounded steps.
-# Reward model and DPO on HH-RLHF pairs (held-out pairs = the run's data.val_size split), PPO against that
-# reward model, GRPO on GSM8K. Each run prints its held-out numbers before and after; the README's
-# alignment section quotes them. Usage: bash bench/align_learning.sh [OUT_ROOT]   (~30 min on 2 cores)
+# Reward model and DPO on HH-RLHF pairs (held out: the run's data.val_size split, 100 pairs), PPO against
+# that reward model, GRPO on GSM8K. Each run prints its held-out numbers before and after; the README's
+# alignment section quotes them. Usage: bash bench/align_learning.sh [OUT_ROOT]   (~50 min on 2 cores)
 set -euo pipefail
 OUT=${1:-runs/align-learning}
 LF="${PYTHON:-.venv/bin/python} -m lmforge"
-COMMON="log.progress=false"
+HELD="data.val_size=100 train.eval_batches=25 log.progress=false"
 
-$LF align configs/align/smollm2-reward-hh.yaml out_dir=$OUT/reward train.max_steps=150 $COMMON | tail -12
-$LF align configs/align/smollm2-dpo-hh.yaml out_dir=$OUT/dpo train.max_steps=150 $COMMON | tail -12
-$LF align configs/align/smollm2-ppo-hh.yaml out_dir=$OUT/ppo ppo.reward_model=$OUT/reward $COMMON | tail -12
-$LF align configs/align/smollm2-grpo-gsm8k.yaml out_dir=$OUT/grpo $COMMON | tail -16
+$LF align configs/align/smollm2-reward-hh.yaml out_dir=$OUT/reward train.max_steps=90 train.eval_every=45 \
+    train.lr=2e-4 $HELD | tail -8
+$LF align configs/align/smollm2-dpo-hh.yaml out_dir=$OUT/dpo train.max_steps=60 train.eval_every=30 \
+    train.lr=1e-4 $HELD | tail -8
+$LF align configs/align/smollm2-ppo-hh.yaml out_dir=$OUT/ppo ppo.reward_model=$OUT/reward train.max_steps=16 \
+    train.ckpt_every=8 ppo.eval_prompts=24 log.progress=false | tail -8
+$LF align configs/align/smollm2-grpo-gsm8k.yaml out_dir=$OUT/grpo train.max_steps=16 train.ckpt_every=8 \
+    grpo.eval_prompts=24 log.progress=false | tail -12
