@@ -16,7 +16,7 @@ GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
 class AlignTrainConfig(FinetuneTrainConfig):
-    """The engine's keys with alignment defaults (TRL's: lr 1e-6 full / 5e-6 ... here LoRA's 5e-5, batch 4)."""
+    """The engine's keys with alignment defaults: a LoRA learning rate (5e-5), constant, no warmup, Adam's beta2."""
 
     max_steps: int = Field(200, gt=0)
     micro_batch_size: int = Field(4, gt=0, description="pairs (reward, dpo) or completions (ppo, grpo) per forward")
