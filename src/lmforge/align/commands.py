@@ -9,11 +9,11 @@ def _config():
     return AlignConfig
 
 
-def summary_text(s: dict) -> str:
+def summary_text(s: dict, out_dir) -> str:
     """The lines an align run ends with: the training summary, then held-out numbers before and after."""
     from lmforge.train.commands import summary_text as train_summary
 
-    lines = [train_summary(s, s["out_dir"])]
+    lines = [train_summary(s, out_dir)]
     held = s.get("heldout") or []
     keys = [k for k in ("val_accuracy", "val_margin", "val_rewards/accuracies", "val_rewards/margins") if held and k in held[0]]
     for k in keys:
@@ -30,20 +30,10 @@ def summary_text(s: dict) -> str:
 
 
 def run_align(cfg) -> int:
-    import sys
-
     from lmforge.align.run import align
-    from lmforge.train.guards import TrainingStopped
+    from lmforge.train.commands import run_stage
 
-    try:
-        s = align(cfg)
-    except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 1
-    if s.get("rank", 0) == 0:
-        s["out_dir"] = cfg.out_dir
-        print(summary_text(s))
-    return 0
+    return run_stage(align, cfg, summary_text)
 
 
 COMMANDS = [

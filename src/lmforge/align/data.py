@@ -20,8 +20,9 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from lmforge.config import Strict
-from lmforge.data.readers import RECORD_FORMATS, ReadReport, is_hf_dataset, iter_records, split_suffix
+from lmforge.data.readers import ReadReport, iter_records
 from lmforge.tokens.chat import ensure_chat_template
+from lmforge.train.sft_data import check_records_path, check_val_size, val_count
 
 VAL_KEY = 2**32 - 1  # the held-out split's rng key, apart from the epochs' [seed, epoch] keys
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -46,26 +47,8 @@ class AlignDataConfig(Strict):
                                             "right-padded row each (less attention work when sequences are long)")
     system_prompt: str | None = Field(None, description="chat: a system message for conversations that have none")
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: str) -> str:
-        from pathlib import Path
-        p = Path(v)
-        if is_hf_dataset(v) or p.is_dir():
-            return v
-        if not p.exists():
-            raise ValueError(f"{v} does not exist (a .jsonl/.json/.parquet file, a directory, hf:NAME[:SPLIT] or a "
-                             "save_to_disk directory)")
-        if split_suffix(p)[0] not in RECORD_FORMATS:
-            raise ValueError(f"{v}: not a .jsonl, .json or .parquet file (optionally .gz)")
-        return v
-
-    @field_validator("val_size")
-    @classmethod
-    def _count(cls, v: float) -> float:
-        if v >= 1 and v != int(v):
-            raise ValueError(f"val_size {v}: a fraction below 1 or a whole count")
-        return v
+    _path = field_validator("path")(check_records_path)
+    _val_size = field_validator("val_size")(check_val_size)
 
 
 @dataclass
@@ -298,10 +281,7 @@ def _read(cfg: AlignDataConfig) -> tuple[list, ReadReport]:
 
 def _split(items: list, val_size: float, seed: int) -> tuple[list, list]:
     n = len(items)
-    n_val = 0
-    if val_size > 0:
-        n_val = int(val_size) if val_size >= 1 else max(1, round(val_size * n))
-    n_val = min(n_val, n - 1)
+    n_val = min(val_count(val_size, n), n - 1)  # at least one item is left to train on
     held = set(np.random.default_rng([seed, VAL_KEY]).permutation(n)[:n_val].tolist())
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 

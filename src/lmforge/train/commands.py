@@ -17,8 +17,8 @@ def _finetune_config():
     return FinetuneConfig
 
 
-def _train(stage, cfg) -> int:
-    """Run a training stage and print its summary (rank 0); a guard stop exits 1."""
+def run_stage(stage, cfg, text=None) -> int:
+    """Run a training stage and print its summary (rank 0) with `text(summary, out_dir)`; a guard stop exits 1."""
     from lmforge.train.guards import TrainingStopped
 
     try:
@@ -27,18 +27,18 @@ def _train(stage, cfg) -> int:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     if summary.get("rank", 0) == 0:
-        print(summary_text(summary, cfg.out_dir))
+        print((text or summary_text)(summary, cfg.out_dir))
     return 0
 
 
 def run_pretrain(cfg) -> int:
     from lmforge.train.pretrain import pretrain
-    return _train(pretrain, cfg)
+    return run_stage(pretrain, cfg)
 
 
 def run_finetune(cfg) -> int:
     from lmforge.train.finetune import finetune
-    return _train(finetune, cfg)
+    return run_stage(finetune, cfg)
 
 
 def summary_text(s: dict, out_dir: Path) -> str:

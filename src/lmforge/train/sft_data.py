@@ -36,6 +36,26 @@ ROLES = ("system", "user", "assistant", "tool")
 VAL_KEY = 2**32 - 1  # the validation permutation's rng key: one no epoch uses (epochs are keyed [seed, epoch])
 
 
+def check_records_path(v: str) -> str:
+    """A record file (.jsonl/.json/.parquet, maybe compressed), a directory, or an HF dataset spec."""
+    p = Path(v)
+    if is_hf_dataset(v) or p.is_dir():
+        return v
+    if not p.exists():
+        raise ValueError(f"{v} does not exist (a .jsonl/.json/.parquet file, a directory, hf:NAME[:SPLIT] or a "
+                         "save_to_disk directory)")
+    if split_suffix(p)[0] not in RECORD_FORMATS:
+        raise ValueError(f"{v}: not a .jsonl, .json or .parquet file (optionally .gz)")
+    return v
+
+
+def check_val_size(v: float) -> float:
+    """val_size is a fraction below 1 or a whole count."""
+    if v >= 1 and v != int(v):
+        raise ValueError(f"val_size {v}: a fraction below 1 or a whole count of examples")
+    return v
+
+
 class SFTDataConfig(Strict):
     path: str = Field(description="a .jsonl/.json/.parquet file (.gz too), a directory of them, hf:NAME[:SPLIT] "
                                   "or a save_to_disk directory")
@@ -51,25 +71,8 @@ class SFTDataConfig(Strict):
     chat_template: str | None = Field(None, description="Jinja template overriding the tokenizer's (default: its "
                                                         "own, else ChatML)")
 
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: str) -> str:
-        p = Path(v)
-        if is_hf_dataset(v) or p.is_dir():
-            return v
-        if not p.exists():
-            raise ValueError(f"{v} does not exist (a .jsonl/.json/.parquet file, a directory, hf:NAME[:SPLIT] or a "
-                             "save_to_disk directory)")
-        if split_suffix(p)[0] not in RECORD_FORMATS:
-            raise ValueError(f"{v}: not a .jsonl, .json or .parquet file (optionally .gz)")
-        return v
-
-    @field_validator("val_size")
-    @classmethod
-    def _count(cls, v: float) -> float:
-        if v >= 1 and v != int(v):
-            raise ValueError(f"val_size {v}: a fraction below 1 or a whole count of examples")
-        return v
+    _path = field_validator("path")(check_records_path)
+    _val_size = field_validator("val_size")(check_val_size)
 
 
 @dataclass
