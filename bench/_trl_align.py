@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+from itertools import islice
 import re
 import sys
 import time
@@ -91,35 +92,25 @@ def hh_split(chosen: str, rejected: str) -> dict | None:
     return row
 
 
+def _jsonl(path):
+    """The JSON records of a JSONL(.gz) file, blank lines skipped, read lazily."""
+    with _open_text(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
 def hh_pairs(path, n: int | None = None) -> list[dict]:
     """The first n usable pairs of an HH-RLHF JSONL(.gz) file (rows `chosen`, `rejected` full dialogues) as
     {prompt, chosen, rejected} strings, TRL's standard preference format (see hh_split)."""
-    out = []
-    with _open_text(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            row = hh_split(r["chosen"], r["rejected"])
-            if row is not None:
-                out.append(row)
-                if n is not None and len(out) >= n:
-                    break
-    return out
+    rows = (hh_split(r["chosen"], r["rejected"]) for r in _jsonl(path))
+    return list(islice((row for row in rows if row is not None), n))
 
 
 def gsm8k_prompts(path, n: int | None = None, instruction: str = GSM8K_INSTRUCTION) -> list[dict]:
     """The first n GSM8K rows (`question`, `answer`) as {prompt: question + instruction, answer}."""
-    out = []
-    with _open_text(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            out.append({"prompt": r["question"].strip() + instruction, "answer": r["answer"]})
-            if n is not None and len(out) >= n:
-                break
-    return out
+    rows = ({"prompt": r["question"].strip() + instruction, "answer": r["answer"]} for r in _jsonl(path))
+    return list(islice(rows, n))
 
 
 # ---------------------------------------------------------------- GSM8K rewards
