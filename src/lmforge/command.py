@@ -19,13 +19,15 @@ from typing import Any, Callable, Literal, Union
 
 from pydantic import BaseModel
 
+from lmforge.errors import UserError
+
 CONFIG_HELP = ("A CONFIG.yaml (or --config FILE) is optional; any key can be set or overridden as key.path=value "
                "(e.g. train.max_steps=100); flags are aliases of keys. Order: defaults < CONFIG.yaml < arguments and "
                "flags < key.path=value.")
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")
 
 
-class CliError(ValueError):
+class CliError(UserError):
     """A user error on the command line: printed as one line, exit status 2."""
 
 
