@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import require, run_cli
 from lmforge.data.pipeline import PipelineConfig, plan_shards, read_stage, run_pipeline
 from lmforge.data.readers import ReadReport, iter_documents
 
@@ -54,7 +54,7 @@ def test_every_format_is_read_with_ids_sources_and_urls(tmp_path):
 
 
 def test_hf_dataset_directory(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "ds"))
     assert [d.text for d in iter_documents(tmp_path / "ds")] == ["one", "two"]
 
@@ -150,7 +150,7 @@ def dup_corpus(d: Path, files: int = 4) -> Path:
 @pytest.mark.parametrize("executor, workers", [("local", 1), ("local", 2), ("ray", 2)])
 def test_dedup_and_pii_pipeline_is_the_same_on_every_executor(tmp_path, executor, workers):
     if executor == "ray":
-        pytest.importorskip("ray")
+        require("ray", why="the ray extra (in dev)")
     corpus = dup_corpus(tmp_path / "in")
     cfg = PipelineConfig(inputs=[str(corpus)], out_dir=tmp_path / "out", workers=workers, executor=executor,
                          shard_mb=0.001, steps=[{"dedup": {}}, "pii"])

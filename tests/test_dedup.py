@@ -122,7 +122,9 @@ def test_signatures_equal_reference_implementation():
 
 
 def test_signatures_equal_datasketch_legacy_minhash():
-    datasketch = pytest.importorskip("datasketch")
+    from conftest import require
+
+    datasketch = require("datasketch")
     cfg = DedupConfig()
     _, _, sigs = batch_signatures(TEXTS[:3], cfg)
     for i, text in enumerate(TEXTS[:3]):

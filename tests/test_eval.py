@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli, save_tiny, synthetic_text
+from conftest import ROOT, require, run_cli, save_tiny, synthetic_text
 from lmforge.eval.perplexity import rolling_windows
 
 
 def test_rolling_windows_equal_lm_evals():
-    utils = pytest.importorskip("lm_eval.utils")
+    utils = require("lm_eval.utils")
     rng = random.Random(0)
     for _ in range(1000):
         tokens = [rng.randint(2, 99) for _ in range(rng.randint(1, 60))]
@@ -26,7 +26,7 @@ def test_rolling_windows_equal_lm_evals():
 
 @pytest.mark.slow
 def test_perplexity_equals_lm_eval_hf_backend(tmp_path):
-    pytest.importorskip("lm_eval")
+    require("lm_eval")
     model = save_tiny(tmp_path / "tiny", seed=2)
     text = synthetic_text(6000, seed=5)
     docs = [text[i: i + 600] for i in range(0, 6000, 600)]  # 10 documents of ~600 characters, several windows each

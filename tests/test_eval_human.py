@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, save_tiny, stop_server, wait_healthy
+from conftest import ROOT, free_port, require, save_tiny, stop_server, wait_healthy
 from lmforge.eval.human.answers import Settings, make_prompt, read_prompts
 from lmforge.eval.human.ratings import Vote, bootstrap, bradley_terry, elo, identified, leaderboard
 from lmforge.eval.human.store import Store, VoteError
@@ -83,8 +82,9 @@ def _random_votes(n: int, seed: int) -> list[Vote]:
 
 def test_bradley_terry_equals_chatbot_arenas_logistic_regression():
     """Arena's compute_mle_elo: sklearn's unpenalised logistic regression on +-ln(10) rows, wins weighted 2, ties 1."""
-    np = pytest.importorskip("numpy")
-    linear_model = pytest.importorskip("sklearn.linear_model")
+    import numpy as np
+
+    linear_model = require("sklearn.linear_model", why="scikit-learn, which lm-eval (the eval extra) installs")
     votes = _random_votes(300, seed=0)
     models = sorted({m for v in votes for m in (v.model_a, v.model_b)})
     idx = {m: i for i, m in enumerate(models)}
@@ -349,18 +349,11 @@ def test_cli_bad_inputs_fail_with_one_line(tmp_path, capsys):
 
 def _browser():
     """Headless Chromium through chromedriver; skipped without one, except under CI (where .ci/run installs it)."""
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver")
-                                              else None)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        driver = None
-    if driver is None:
-        reason = "needs selenium and Debian's chromium + chromium-driver (.ci/run installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require("selenium", why="the dev extra installs it")
+    driver = require("chromedriver", binary=True, why="Debian's chromium + chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(arg)

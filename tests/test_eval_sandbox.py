@@ -4,13 +4,14 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import IN_CI, ROOT
 from lmforge.eval.sandbox import (
     SandboxUnavailable, _refusal, humaneval_program, pass_at_k, run_many, run_program, sandbox_layers,
 )
@@ -21,9 +22,13 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candi
 
 
 def unsupported(reason: str) -> None:
-    """Skip a test this kernel or user cannot support; under CI that is a failure instead."""
-    if os.environ.get("CI"):
-        pytest.fail(reason)
+    """Skip a test this OS, kernel or user cannot support; under CI on Linux that is a failure instead.
+
+    The sandbox is built from Linux kernel features, so off Linux a skip is right even under CI; on a
+    Linux CI machine it must work, so a missing layer there is a regression to report, not to skip."""
+    if IN_CI and sys.platform == "linux":
+        pytest.fail(f"{reason}; under CI on Linux the sandbox must work, so this is a failure, not a skip",
+                    pytrace=False)
     pytest.skip(reason)
 
 

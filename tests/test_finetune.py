@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, events, kill_after_checkpoint, read_metrics, run_cli, step_losses
+from conftest import ROOT, events, kill_after_checkpoint, read_metrics, require, run_cli, step_losses
 
 FAST = ["train.device=cpu", "train.threads=1", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2",
         "train.lr=3e-3", "train.micro_batch_size=4", "log.progress=false", "log.tensorboard=false",
@@ -127,7 +127,7 @@ def test_no_loss_flows_from_prompt_tokens(tiny):
 
 
 def test_qlora_trains_on_cpu_with_a_smaller_model(tiny, tmp_path):
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes", why="the qlora extra (in dev)")
     lora = run_cli(*ft_args(tiny, tmp_path / "lora", "train.max_steps=3", "lora.target_modules=[q_proj,v_proj]"))
     q = run_cli(*ft_args(tiny, tmp_path / "q", "train.max_steps=12", "method=qlora",
                          "lora.target_modules=[q_proj,v_proj]", "train.eval_every=6"))
@@ -205,6 +205,7 @@ ALPACA_FILE = ROOT.parent / "shared" / "data" / "alpaca_5000.json"
 
 
 @pytest.mark.slow
+# ../shared/data is this machine's material, not something `make test` installs: skipping without it is right.
 @pytest.mark.skipif(not ALPACA_FILE.is_file(), reason="needs ../shared/data/alpaca_5000.json")
 def test_smollm2_lora_on_alpaca_lowers_heldout_loss_and_stops_with_eos(smollm2_cache, tmp_path):
     """The real model, as in the README: LoRA on Alpaca, then its answers to new Alpaca prompts end with EOS."""

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import greedy_reference, run_cli, start_server, stop_server
+from conftest import greedy_reference, require, run_cli, start_server, stop_server
 
 KEY = "sk-test-key"
 
@@ -31,7 +31,7 @@ def auth(key: str = KEY) -> dict:
 
 # ---- HTTP API ----------------------------------------------------------------------------------
 def test_openai_client_completions_chat_and_streaming(server, tiny):
-    openai = pytest.importorskip("openai")
+    openai = require("openai")
     client = openai.OpenAI(base_url=server + "/v1", api_key=KEY)
     [model] = [m.id for m in client.models.list().data]
     assert model == str(tiny)

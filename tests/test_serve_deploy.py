@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, save_tiny, start_server, stop_server, wait_healthy
+from conftest import ROOT, free_port, require, save_tiny, start_server, stop_server, wait_healthy
 
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 KEY = "sk-deploy-test"
@@ -29,13 +28,7 @@ BODY = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
 
 def find_nginx() -> str:
     """nginx's path; skip without it, except under CI (which installs it), where that is a failure."""
-    exe = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                         if os.access(p, os.X_OK)), None)
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed, but CI is set and .ci/run installs it (apt-get install nginx)")
-        pytest.skip("nginx is not installed (apt-get install nginx)")
-    return exe
+    return require("nginx", binary=True, why=".ci/run installs it (apt-get install nginx)")
 
 
 def _replace_directive(text: str, old: str, new: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, start_server, stop_server
+from conftest import ROOT, require, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -61,9 +61,9 @@ def smol_dir(smollm2_cache) -> Path:
 
 
 def test_local_completions_against_lmforge_serve_scores_like_hf_backend(smol_dir, smollm2_cache, tmp_path):
-    pytest.importorskip("lm_eval")
+    require("lm_eval")
     for module in ("aiohttp", "tenacity", "requests"):  # lm-eval's [api] extra, needed by local-completions
-        pytest.importorskip(module)
+        require(module, why="lm-eval[api], which the eval extra installs")
     model = str(smol_dir)
 
     hf_results, hf_samples = run_lm_eval("hf", f"pretrained={model},dtype=float32", tmp_path / "hf",
