@@ -1,8 +1,8 @@
-"""Crawler and WARC tests against a local site on 127.0.0.1 (nothing else is ever contacted).
+"""Crawler and WARC tests against local sites on loopback addresses (nothing else is ever contacted).
 
 An audit hook records every socket connect and name lookup made while a crawl runs in this process
 and blocks any that is not loopback or an IP literal, so a broken guard fails the test instead of
-reaching the network.
+reaching the network. Tests that need a host name answer its lookups themselves (`fake_dns`).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import ipaddress
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.crawl import address_refusal, crawl, extract_links, normalize_url, robots_crawl_delay
-from lmforge.data.crawl_state import CrawlReport
+from conftest import require
+from lmforge.data.crawl import address_refusal, crawl, extract_links, normalize_url, pinned_url, robots_rules
+from lmforge.data.crawl_state import SKIP_REASONS, CrawlState
 from lmforge.data.warc import WarcFile, WarcReadError, iter_warc_documents, url_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +40,7 @@ def _audit(event, args):
         return
     if event == "socket.connect" and isinstance(args[1], tuple):
         _NET["connects"].append(args[1][0])
-        if args[1][0] not in ("127.0.0.1", "::1"):
+        if not _loopback(args[1][0]):
             raise ConnectionRefusedError(f"test guard: blocked a connect to {args[1][0]}")
     elif event == "socket.getaddrinfo":
         host = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
@@ -46,6 +49,13 @@ def _audit(event, args):
             ipaddress.ip_address(host)
         except ValueError:
             raise OSError(f"test guard: blocked a name lookup of {host}") from None
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 sys.addaudithook(_audit)
@@ -73,15 +83,17 @@ def html_page(name: str, links: list[str], title: str | None = None) -> bytes:
 
 
 class Site:
-    """A ThreadingHTTPServer on 127.0.0.1 serving `routes`; logs (path, monotonic time) per request."""
+    """A ThreadingHTTPServer on `host` (127.0.0.1) serving `routes`; logs (path, monotonic time) and the Host
+    header per request; `tls` (an ssl.SSLContext) makes it HTTPS."""
 
-    def __init__(self, routes: dict):
-        self.routes, self.log = routes, []
+    def __init__(self, routes: dict, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
+        self.routes, self.log, self.hosts = routes, [], []
         site = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 site.log.append((self.path, time.monotonic()))
+                site.hosts.append(self.headers.get("Host"))
                 route = site.routes.get(self.path)
                 try:
                     if route is None:
@@ -106,7 +118,9 @@ class Site:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
@@ -188,12 +202,22 @@ def test_address_refusal():
     assert address_refusal("224.0.0.1", True) == "multicast"  # never, whatever allow_private says
 
 
-def test_robots_crawl_delay_and_links():
-    txt = ("User-agent: other\nCrawl-delay: 5\n\nUser-agent: lmforge-crawler\nCrawl-delay: 0.5\n\n"
-           "User-agent: *\nCrawl-delay: 1\n")
-    assert robots_crawl_delay(txt, "lmforge-crawler/0.1 (+x)") == 0.5
-    assert robots_crawl_delay(txt, "somebot/1.0") == 1.0
-    assert robots_crawl_delay("User-agent: *\nDisallow: /x\n", "a/1") is None
+def test_robots_rules_crawl_delay_and_links():
+    ua = "lmforge-crawler/0.1 (+x)"
+    txt = ("User-agent: other\nCrawl-delay: 5\n\nUser-agent: lmforge-crawler\nCrawl-delay: 0.5\nDisallow: /mine\n\n"
+           "User-agent: *\nCrawl-delay: 1\nDisallow: /all\n")
+    rules = robots_rules(200, txt)
+    assert rules.crawl_delay(ua) == 0.5 and rules.crawl_delay("somebot/1.0") == 1.0  # fractions kept
+    assert not rules.can_fetch("http://h/mine", ua) and rules.can_fetch("http://h/all", ua)  # our group only
+    assert not rules.can_fetch("http://h/all", "somebot/1.0")
+    assert robots_rules(200, "User-agent: *\nDisallow: /x\n").crawl_delay("a/1") is None
+    # the longest matching rule wins, whatever the order (urllib.robotparser took the first match)
+    rules = robots_rules(200, "User-agent: *\nDisallow: /docs/\nAllow: /docs/public$\n")
+    assert rules.can_fetch("http://h/docs/public", ua) and not rules.can_fetch("http://h/docs/public2", ua)
+    assert robots_rules(404, "").can_fetch("http://h/anything", ua)  # RFC 9309: unavailable, no rules
+    assert not robots_rules(503, "").can_fetch("http://h/", ua) and not robots_rules(599, "").can_fetch("http://h/", ua)
+    assert pinned_url("https://example.org:8443/a%20b?q=1", "93.184.216.34") == "https://93.184.216.34:8443/a%20b?q=1"
+    assert pinned_url("http://example.org/", "2606:2800:220:1::") == "http://[2606:2800:220:1::]/"
     html = ('<html><head><base href="/dir/"></head><body><a href="p">p</a><a href="#x">x</a>'
             '<area href="/q"></body></html>')
     assert extract_links(html, "http://h/a/b") == ["http://h/dir/p", "http://h/q"]
@@ -258,6 +282,128 @@ def test_ssrf_guard_refuses_loopback_by_default(site, tmp_path, net_guard):
     report = crawl(site.url("/"), tmp_path / "c", delay_s=0)
     assert report.skipped["ssrf"] == 1 and report.fetched == 0 and report.documents == 0
     assert site.log == [] and net_guard["connects"] == []
+
+
+def test_robots_wildcards_and_end_anchors_are_honoured(tmp_path, net_guard):
+    """Google's robots.txt matching (RFC 9309), which urllib.robotparser ignores: `*` matches any characters and `$`
+    ends the path, so `Disallow: /*.pdf$` refuses /x.pdf and /docs/y.pdf but not /x.pdf?y=1 or /x.pdfs."""
+    site = Site({
+        "/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /*.pdf$\n"),
+        "/": (200, HTML, html_page("home", ["/x.pdf", "/x.pdf?y=1", "/x.pdfs", "/docs/y.pdf"])),
+        "/x.pdf": (200, HTML, html_page("x", [])),
+        "/x.pdf?y=1": (200, HTML, html_page("xq", [])),
+        "/x.pdfs": (200, HTML, html_page("xs", [])),
+        "/docs/y.pdf": (200, HTML, html_page("y", [])),
+    })
+    try:
+        report = crawl(site.url("/"), tmp_path / "c", delay_s=0, allow_private=["127.0.0.1/32"])
+    finally:
+        site.close()
+    assert sorted(site.paths()) == ["/", "/robots.txt", "/x.pdf?y=1", "/x.pdfs"]
+    assert report.skipped["robots"] == 2 and report.documents == 3
+    assert sorted(report.examples["robots"]) == [site.url("/docs/y.pdf"), site.url("/x.pdf")]
+
+
+class FakeDNS:
+    """socket.getaddrinfo for made-up names: each lookup of NAME takes the next of its answers (the last repeats);
+    `calls` counts lookups per name. IP literals and other names go to the real getaddrinfo (and the guard)."""
+
+    def __init__(self, real):
+        self.real, self.answers, self.calls = real, {}, Counter()
+
+    def __call__(self, host, port, family=0, type=0, proto=0, flags=0):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in self.answers:
+            return self.real(host, port, family, type, proto, flags)
+        self.calls[name] += 1
+        answers = self.answers[name]
+        ip = answers[min(self.calls[name], len(answers)) - 1]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, int(port or 0)))]
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    dns = FakeDNS(socket.getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    return dns
+
+
+def _rebind_sites(routes: dict, tls: ssl.SSLContext | None = None) -> tuple[Site, Site]:
+    """The site on 127.0.0.2 (allowed: it stands for a public address) and a recorder on 127.0.0.1 at the same port
+    (refused: the internal service a rebinding answer points at)."""
+    public = Site(routes, host="127.0.0.2", tls=tls)
+    try:
+        internal = Site({}, host="127.0.0.1", port=public.server.server_port, tls=tls)
+    except OSError:
+        public.close()
+        raise
+    return public, internal
+
+
+def test_dns_rebinding_connects_only_to_the_checked_address(tmp_path, net_guard, fake_dns, monkeypatch):
+    """rebind.test answers an allowed address to the first lookup and loopback to every later one. The crawler looks
+    the name up once, checks that answer and sends every request (robots.txt included) to that address, with the
+    name in the Host header; the service on loopback never sees a request."""
+    import lmforge.data.crawl as crawl_module
+
+    public, internal = _rebind_sites({
+        "/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow:\n"),
+        "/": (200, HTML, html_page("home", ["/a"])), "/a": (200, HTML, html_page("a", []))})
+    port = public.server.server_port
+    fake_dns.answers["rebind.test"] = ["127.0.0.2", "127.0.0.1"]
+    try:
+        report = crawl(f"http://rebind.test:{port}/", tmp_path / "c", delay_s=0, allow_private=["127.0.0.2/32"])
+        assert fake_dns.calls["rebind.test"] == 1  # one lookup for the whole crawl: nothing resolves it again
+        assert internal.log == [] and set(net_guard["connects"]) == {"127.0.0.2"}
+        assert sorted(public.paths()) == ["/", "/a", "/robots.txt"] and report.documents == 2
+        assert set(public.hosts) == {f"rebind.test:{port}"}
+        urls = [d["url"] for d in read_jsonl(tmp_path / "c" / "documents.jsonl")]
+        assert sorted(urls) == [f"http://rebind.test:{port}/", f"http://rebind.test:{port}/a"]
+
+        # Once the pinned answer is stale the name is resolved again, and the new answer is checked like the first.
+        monkeypatch.setattr(crawl_module, "DNS_TTL_S", -1.0)
+        fake_dns.answers["rebind.test"], fake_dns.calls["rebind.test"] = ["127.0.0.2", "127.0.0.1"], 0
+        report = crawl(f"http://rebind.test:{port}/", tmp_path / "d", delay_s=0, allow_private=["127.0.0.2/32"])
+        assert fake_dns.calls["rebind.test"] == 2 and internal.log == []
+        assert report.skipped["robots"] == 1 and report.documents == 0  # robots.txt's host refused: fetch nothing
+    finally:
+        public.close()
+        internal.close()
+
+
+def _tls_context(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a self-signed certificate for `name` only (no IP address in it), and the cert file."""
+    openssl = require("openssl", binary=True, why="makes the test's TLS certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName=DNS:{name}"], check=True, capture_output=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx, cert
+
+
+def test_tls_to_the_pinned_address_verifies_the_host_name(tmp_path, net_guard, fake_dns, monkeypatch):
+    """HTTPS to a pinned address: SNI names the host and the certificate is checked against the name (it holds no IP
+    address), so the crawl succeeds for rebind.test and fails for another name at the same address."""
+    import certifi
+
+    ctx, cert = _tls_context(tmp_path, "rebind.test")
+    monkeypatch.setattr(certifi, "where", lambda: str(cert))  # trust the test certificate (httpx reads certifi)
+    public, internal = _rebind_sites({
+        "/robots.txt": (404, {"Content-Type": "text/plain"}, b"none"),
+        "/": (200, HTML, html_page("home", []))}, tls=ctx)
+    port = public.server.server_port
+    fake_dns.answers.update({"rebind.test": ["127.0.0.2", "127.0.0.1"], "other.test": ["127.0.0.2"]})
+    try:
+        report = crawl(f"https://rebind.test:{port}/", tmp_path / "c", delay_s=0, allow_private=["127.0.0.2/32"])
+        assert report.documents == 1 and sorted(public.paths()) == ["/", "/robots.txt"] and internal.log == []
+        assert set(public.hosts) == {f"rebind.test:{port}"}
+        report = crawl(f"https://other.test:{port}/", tmp_path / "d", delay_s=0, allow_private=["127.0.0.2/32"])
+        assert report.documents == 0 and len(public.log) == 2  # the handshake failed: no request was read
+    finally:
+        public.close()
+        internal.close()
 
 
 def test_crawl_redirects_timeouts_encodings(tmp_path, net_guard):
@@ -448,9 +594,44 @@ def test_iter_wet_conversion_records(tmp_path):
     assert docs[0].id == url_id("http://w.test/0") and docs[0].url == "http://w.test/0"
 
 
-def test_report_shape():
-    r = CrawlReport(start_url="http://x/", out_dir="o")
-    assert {"robots", "offsite", "non_html", "too_large", "error", "ssrf", "scheme", "depth"} <= set(r.skipped)
+def test_state_log_replay_rebuilds_counts_frontier_and_offsets(tmp_path):
+    """What a resumed crawl starts from: the report, the frontier (claimed URLs left out), robots answers and the
+    output offsets are rebuilt from crawl_state.jsonl alone, and a half-written last line is dropped."""
+    path = tmp_path / "crawl_state.jsonl"
+    state = CrawlState(path, "http://h/", tmp_path)
+    state.open()
+    for ev in ({"ev": "start", "seed": "http://h/"}, {"ev": "run"},
+               {"ev": "page", "urls": [], "outcome": "ok", "queued": [["http://h/", 0]]},
+               {"ev": "robots", "origin": "http://h", "status": 200, "body": "User-agent: *\nDisallow: /p/\n",
+                "requests": 1, "bytes": 30, "warc": 100, "jsonl": 0},
+               {"ev": "claim", "url": "http://h/", "host": "h", "t": 1000.0},
+               {"ev": "page", "urls": ["http://h/"], "outcome": "ok", "fetched": 1, "requests": 1, "bytes": 500,
+                "doc": True, "queued": [["http://h/a", 1], ["http://h/b", 1]],
+                "skips": {"robots": ["http://h/p/x"], "depth": ["http://h/deep"]}, "warc": 900, "jsonl": 300,
+                "elapsed": 2.5},
+               {"ev": "claim", "url": "http://h/a", "host": "h", "t": 1001.0}):
+        state.append(ev)
+    state.close()
+    with open(path, "ab") as f:
+        f.write(b'{"ev": "page", "urls": ["http://h/a"], "fetched": 1')  # the crash came mid-line
+
+    again = CrawlState(path, "http://h/", tmp_path)
+    again.open()
+    again.close()
+    r = again.report
+    assert (again.seed, r.runs, r.fetched, r.documents, r.requests, r.bytes) == ("http://h/", 1, 1, 1, 2, 530)
+    assert list(again.frontier) == [("http://h/b", 1)]  # http://h/a was claimed: never requested again
+    assert again.claimed - again.finished == {"http://h/a"}  # counted as interrupted by the next run
+    assert again.offsets == {"warc": 900, "jsonl": 300} and again.elapsed == 2.5
+    assert again.robots == {"http://h": (200, "User-agent: *\nDisallow: /p/\n")}
+    assert again.last_claim == {"h": 1001.0}
+    assert "http://h/deep" in again.depth_skipped and "http://h/deep" not in again.seen  # a later, shallower link may
+    assert {"http://h/", "http://h/a", "http://h/b", "http://h/p/x"} <= again.seen
+    d = r.to_dict()
+    assert list(d["skipped"]) == list(SKIP_REASONS)  # every reason is reported, also at 0
+    assert {k: v for k, v in d["skipped"].items() if v} == {"robots": 1, "depth": 1}
+    assert d["examples"] == {"robots": ["http://h/p/x"], "depth": ["http://h/deep"]}
+    assert path.read_bytes().endswith(b"}\n")  # the torn line is cut from the log itself
 
 
 def test_iter_warc_whole_file_compression(tmp_path):

@@ -12,15 +12,21 @@ not ask again); 4xx means "no rules", 5xx or a network error means "fetch nothin
 run (RFC 9309). The delay between two requests to one host is max(delay_s, the robots Crawl-delay),
 counted from the end of one response to the start of the next; requests to one host never overlap;
 `concurrency` workers share the frontier, so several hosts are crawled at once. robots.txt rules
-are matched by `urllib.robotparser` (first matching rule wins, no `*`/`$` wildcards).
+and Crawl-delay are read by `protego`, which matches as Google does (RFC 9309): the longest
+matching rule wins, `*` matches any characters and `$` anchors the end, so `Disallow: /*.pdf$`
+refuses /x.pdf but not /x.pdf?y=1.
 
 Safety. Only http(s); only hosts equal to, or subdomains of, `allowed_domains` (default: the start
 URL's host), checked on every link and every redirect hop before anything is resolved, so offsite
-hosts are never even looked up. Before each request the host is resolved with getaddrinfo and
-every address is checked: private, loopback, link-local (and shared/non-global) addresses are
-refused unless `allow_private` (True, or a list of networks such as ["127.0.0.0/8"]);
-multicast, reserved and unspecified addresses always. The connection resolves the name again, so
-a DNS-rebinding server could still answer differently in between; use `allowed_domains` you trust.
+hosts are never even looked up. A host's name is resolved once with getaddrinfo and every address
+is checked: private, loopback, link-local (and shared/non-global) addresses are refused unless
+`allow_private` (True, or a list of networks such as ["127.0.0.0/8"]); multicast, reserved and
+unspecified addresses always. The checked answer is pinned: every connection to the host goes to
+one of those addresses (the request URL names the address; the Host header, TLS SNI and the
+certificate check use the host name), and nothing resolves the name again, so a DNS-rebinding
+server has no second answer to give. A pinned answer is kept for `DNS_TTL_S`, then the name is
+resolved and checked again. Connections are not kept alive, so a TLS session verified for one
+name never carries a request for another name at the same address.
 Bodies are streamed and abandoned past `max_bytes`; redirects are followed by hand (at most
 `max_redirects`, each hop re-checked); each request has `timeout_s` in all; only text/html and
 application/xhtml+xml bodies are read; `trust_env` is off so no proxy from the environment is used.
@@ -48,22 +54,41 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urljoin, urlsplit
-from urllib.robotparser import RobotFileParser
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+from protego import Protego
 
 from lmforge.data.base import Document
 from lmforge.data.crawl_state import CrawlReport, CrawlState, write_json_atomic
-from lmforge.data.urls import (DEFAULT_PORTS, address_refusal, allowed_networks, extract_links, in_domains,
-                               normalize_url, robots_crawl_delay)
+from lmforge.data.urls import DEFAULT_PORTS, address_refusal, allowed_networks, extract_links, in_domains, \
+    normalize_url
 from lmforge.data.warc import WarcFile, decode_html, is_html_type, url_id, warc_date
 
 DEFAULT_USER_AGENT = "lmforge-crawler/0.1 (+https://github.com/lmforge)"
 MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309: parse at least 500 KiB
+DNS_TTL_S = 300.0  # how long a host's checked addresses stay pinned before the name is resolved (and checked) again
 WARC_NAME, DOCS_NAME, STATE_NAME, REPORT_NAME = "crawl.warc.gz", "documents.jsonl", "crawl_state.jsonl", \
     "crawl_report.json"
 
 
 # ------------------------------------------------------------------------------------------------ crawler
+
+def robots_rules(status: int, body: str) -> Protego:
+    """The rules a robots.txt answer sets (RFC 9309): 2xx its text, 4xx none, 5xx or unreachable "fetch nothing".
+
+    A pure function of what the server said, so a resumed crawl rebuilds the same rules from its state log."""
+    if 200 <= status < 300:
+        return Protego.parse(body)
+    return Protego.parse("" if 400 <= status < 500 else "User-agent: *\nDisallow: /\n")
+
+
+def pinned_url(url: str, ip: str) -> str:
+    """`url` with its host replaced by the address `ip` (port, path and query kept), for a pinned connection."""
+    parts = urlsplit(url)
+    host = f"[{ip.replace('%', '%25')}]" if ":" in ip else ip
+    return urlunsplit((parts.scheme, host if parts.port is None else f"{host}:{parts.port}", parts.path,
+                       parts.query, ""))
+
 
 @dataclass
 class _Hop:
@@ -102,7 +127,8 @@ class _Crawler:
         self.max_bytes, self.max_redirects, self.timeout_s = max_bytes, max_redirects, timeout_s
         self.user_agent, self.extract_timeout_s, self.progress = user_agent, extract_timeout_s, progress
         self.hosts: dict[str, _Host] = {}
-        self.parsers: dict[str, RobotFileParser] = {}
+        self.addresses: dict[str, tuple[float, list[str] | str]] = {}  # host -> (resolved at, checked IPs or refusal)
+        self.parsers: dict[str, Protego] = {}
         self.robots_locks: dict[str, asyncio.Lock] = {}
         self.active = 0
         self.t0, self.elapsed0 = time.monotonic(), state.elapsed
@@ -122,17 +148,31 @@ class _Crawler:
         return (None if in_domains(host, self.domains) else "offsite"), norm
 
     async def address_reason(self, url: str) -> str | None:
+        """None when `url`'s host resolves only to allowed addresses (pinned for its connections), else the skip
+        reason ("ssrf", or "error" when the lookup failed; a failed lookup is not kept and is tried again)."""
+        host, now = urlsplit(url).hostname, time.monotonic()
+        pinned = self.addresses.get(host)
+        if pinned is None or now - pinned[0] > DNS_TTL_S:
+            answer = await self._resolve(url)
+            if answer == "error":
+                return answer
+            self.addresses[host] = pinned = (now, answer)
+        return pinned[1] if isinstance(pinned[1], str) else None
+
+    async def _resolve(self, url: str) -> list[str] | str:
+        """The host's addresses when every one passes the SSRF check, else "ssrf" (or "error")."""
         parts = urlsplit(url)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 parts.hostname, parts.port or DEFAULT_PORTS[parts.scheme], type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError, OSError):
             return "error"
-        if not infos or any(address_refusal(info[4][0], self.allow_private) for info in infos):
+        ips = list(dict.fromkeys(info[4][0] for info in infos))
+        if not ips or any(address_refusal(ip, self.allow_private) for ip in ips):
             return "ssrf"
-        return None
+        return ips
 
-    async def robots_for(self, url: str) -> RobotFileParser:
+    async def robots_for(self, url: str) -> Protego:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
         if origin in self.parsers:
@@ -141,17 +181,10 @@ class _Crawler:
             if origin not in self.parsers:
                 if origin not in self.state.robots:
                     await self._fetch_robots(origin)
-                status, body = self.state.robots.get(origin, (599, ""))
-                rp = RobotFileParser()
-                if 200 <= status < 300:
-                    rp.parse(body.splitlines())
-                elif 400 <= status < 500:
-                    rp.allow_all = True  # RFC 9309: "unavailable", no rules
-                else:
-                    rp.disallow_all = True  # unreachable: assume complete disallow (not saved; retried next run)
-                crawl_delay = robots_crawl_delay(body, self.user_agent) if 200 <= status < 300 else None
+                status, body = self.state.robots.get(origin, (599, ""))  # unreachable: not saved, asked next run
+                rp = robots_rules(status, body)
                 host = self.host(parts.hostname)
-                host.delay = max(host.delay, float(crawl_delay or 0))
+                host.delay = max(host.delay, float(rp.crawl_delay(self.user_agent) or 0))
                 self.parsers[origin] = rp
         return self.parsers[origin]
 
@@ -205,47 +238,66 @@ class _Crawler:
         async with host.lock:
             while host.last_end is not None and host.last_end + host.delay > loop.time():
                 await asyncio.sleep(host.last_end + host.delay - loop.time())
+            pinned = self.addresses.get(hostname)
+            if pinned is None or isinstance(pinned[1], str):
+                return "ssrf"  # never connect to an address that was not checked
             if claim:
                 self.state.append({"ev": "claim", "url": url, "host": hostname, "t": time.time()})
             try:
-                return await asyncio.wait_for(self._get(url, robots), self.timeout_s)
+                return await asyncio.wait_for(self._get(url, pinned[1], robots), self.timeout_s)
             except (asyncio.TimeoutError, OSError, self.httpx.HTTPError, self.httpx.InvalidURL,
                     self.httpx.StreamError):
                 return "error"
             finally:
                 host.last_end = loop.time()
 
-    async def _get(self, url: str, robots: bool) -> _Hop | str:
-        limit = MAX_ROBOTS_BYTES if robots else self.max_bytes
-        headers = {"User-Agent": self.user_agent, "Accept-Encoding": "gzip, deflate",
+    async def _get(self, url: str, ips: list[str], robots: bool) -> _Hop:
+        """GET `url` from the first of its checked addresses that accepts a connection.
+
+        The request goes to the address itself; the Host header and TLS SNI name the host, and the
+        certificate is verified against that name, so nothing resolves the name a second time."""
+        parts = urlsplit(url)
+        headers = {"Host": parts.netloc, "User-Agent": self.user_agent, "Accept-Encoding": "gzip, deflate",
                    "Accept": "text/plain,*/*;q=0.5" if robots else "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"}
-        async with self.client.stream("GET", url, headers=headers) as resp:
-            stream = resp.extensions.get("network_stream")
-            addr = stream.get_extra_info("server_addr") if stream is not None else None
-            hop = _Hop(url=url, status=resp.status_code, reason=resp.reason_phrase, http_version=resp.http_version,
-                       request_headers=resp.request.headers.multi_items(), headers=resp.headers.multi_items(),
-                       body=b"", ip=addr[0] if addr else None, fetched_at=warc_date())
-            if hop.status != 200:
-                return hop  # redirects and errors: status and headers are all we use
-            if not robots and not is_html_type(resp.headers.get("content-type")):
-                hop.skip = "non_html"
-                return hop
-            declared = resp.headers.get("content-length")
-            if not robots and declared and declared.isdigit() and int(declared) > limit:
+        for n, ip in enumerate(ips):
+            try:
+                async with self.client.stream("GET", pinned_url(url, ip), headers=headers,
+                                              extensions={"sni_hostname": parts.hostname}) as resp:
+                    return await self._read(url, resp, robots)
+            except self.httpx.ConnectError:
+                if n == len(ips) - 1:
+                    raise
+        raise AssertionError("unreachable: ips is never empty")
+
+    async def _read(self, url: str, resp, robots: bool) -> _Hop:
+        """The exchange as a `_Hop`: status and headers always, the body only when it is kept."""
+        limit = MAX_ROBOTS_BYTES if robots else self.max_bytes
+        stream = resp.extensions.get("network_stream")
+        addr = stream.get_extra_info("server_addr") if stream is not None else None
+        hop = _Hop(url=url, status=resp.status_code, reason=resp.reason_phrase, http_version=resp.http_version,
+                   request_headers=resp.request.headers.multi_items(), headers=resp.headers.multi_items(),
+                   body=b"", ip=addr[0] if addr else None, fetched_at=warc_date())
+        if hop.status != 200:
+            return hop  # redirects and errors: status and headers are all we use
+        if not robots and not is_html_type(resp.headers.get("content-type")):
+            hop.skip = "non_html"
+            return hop
+        declared = resp.headers.get("content-length")
+        if not robots and declared and declared.isdigit() and int(declared) > limit:
+            hop.skip = "too_large"
+            return hop
+        body = bytearray()
+        async for chunk in resp.aiter_bytes():  # decoded: the limit holds for gzip bombs too
+            body += chunk
+            hop.received = len(body)
+            if len(body) > limit:
+                if robots:  # RFC 9309: parse what fits
+                    del body[limit:]
+                    break
                 hop.skip = "too_large"
                 return hop
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():  # decoded: the limit holds for gzip bombs too
-                body += chunk
-                hop.received = len(body)
-                if len(body) > limit:
-                    if robots:  # RFC 9309: parse what fits
-                        del body[limit:]
-                        break
-                    hop.skip = "too_large"
-                    return hop
-            hop.body = bytes(body)
-            return hop
+        hop.body = bytes(body)
+        return hop
 
     # --- pages
 
@@ -259,12 +311,12 @@ class _Crawler:
         for n_hop in range(self.max_redirects + 1):
             outcome_url = current  # the URL a skip is counted under
             outcome = await self.address_reason(current)
-            if outcome is None and not (await self.robots_for(current)).can_fetch(self.user_agent, current):
+            if outcome is None and not (await self.robots_for(current)).can_fetch(current, self.user_agent):
                 outcome = "robots"
             if outcome:
                 break
             hop = await self.request(current, claim=True)
-            requests += 1
+            requests += hop != "ssrf"  # "ssrf" here: re-resolved and refused while waiting its turn, never sent
             if isinstance(hop, str):
                 outcome = hop
                 break
@@ -366,8 +418,9 @@ class _Crawler:
 
         self.httpx = httpx
         self.cond = asyncio.Condition()
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0)  # see the docstring
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), follow_redirects=False,
-                                     trust_env=False, limits=httpx.Limits(max_connections=self.concurrency)) as c:
+                                     trust_env=False, limits=limits) as c:
             self.client = c
             await asyncio.gather(*(self.worker() for _ in range(self.concurrency)))
 

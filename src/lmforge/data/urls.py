@@ -1,4 +1,4 @@
-"""URLs and addresses for the crawler: normalisation, domain checks, robots Crawl-delay, SSRF guard, links.
+"""URLs and addresses for the crawler: normalisation, domain checks, SSRF guard, links.
 
 Kept apart from crawl.py because each piece is a pure function with its own tests.
 """
@@ -90,35 +90,6 @@ def normalize_url(url: str, base: str | None = None) -> str:
 def in_domains(host: str, domains: Iterable[str]) -> bool:
     """`host` equals one of `domains` or is a subdomain of one."""
     return any(host == d or host.endswith("." + d) for d in domains)
-
-
-def robots_crawl_delay(robots_txt: str, user_agent: str) -> float | None:
-    """The Crawl-delay (seconds, fractions allowed: urllib.robotparser reads whole seconds only) of the
-    group that applies to `user_agent` — the first group naming it, else the `*` group — as robotparser
-    picks groups."""
-    token = user_agent.split("/")[0].lower()
-    groups: list[tuple[list[str], list[float]]] = []
-    in_rules = True
-    for raw in robots_txt.splitlines():
-        key, _, value = raw.split("#", 1)[0].partition(":")
-        key, value = key.strip().lower(), value.strip()
-        if not value:
-            continue
-        if key == "user-agent":
-            if in_rules:
-                groups.append(([], []))
-                in_rules = False
-            groups[-1][0].append(value.lower())
-        elif groups:
-            in_rules = True
-            if key == "crawl-delay":
-                try:
-                    groups[-1][1].append(float(value))
-                except ValueError:
-                    pass
-    chosen = next((g for g in groups if any(a != "*" and a in token for a in g[0])), None) \
-        or next((g for g in groups if "*" in g[0]), None)
-    return chosen[1][0] if chosen and chosen[1] else None
 
 
 # ------------------------------------------------------------------------------------------ SSRF guard
