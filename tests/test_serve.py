@@ -12,17 +12,24 @@ import torch
 
 from conftest import greedy_reference, require, run_cli, start_server, stop_server
 
-KEY = "sk-test-key"
+KEY = "sk-test-key"  # on the command line
+ENV_KEY = "sk-from-the-environment"  # LMFORGE_API_KEY
+FILE_KEYS = ["sk-file-one", "sk-file-two"]  # --api-key-file
+ARGV_WARNING = "warning: an API key on the command line is visible to every user of this machine (ps)"
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    proc, url = start_server(tiny, "--threads", "1", "--api-key", KEY, "--max-batch", "16", "--max-body-bytes", "65536",
-                              "--max-model-len", "512")
+def server(tiny, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"# API keys, one per line\n\n{FILE_KEYS[0]}\n  {FILE_KEYS[1]}  \n")
+    proc, url = start_server(tiny, "--threads", "1", "--api-key", KEY, "--api-key-file", str(key_file),
+                             "--max-batch", "16", "--max-body-bytes", "65536", "--max-model-len", "512",
+                             env={"LMFORGE_API_KEY": ENV_KEY})
     yield url
     out = stop_server(proc)
     assert "Traceback" not in out, out[-3000:]
-    assert KEY not in out
+    assert all(k not in out.replace(ARGV_WARNING, "") for k in [KEY, ENV_KEY, *FILE_KEYS]), out  # never printed
+    assert out.count(ARGV_WARNING) == 1 and "4 API key(s)" in out, out
 
 
 def auth(key: str = KEY) -> dict:
@@ -87,6 +94,35 @@ def test_sixty_four_concurrent_streams_are_complete_and_uncorrupted(server, hf):
     results = asyncio.run(main())
     for p, (text, done) in zip(prompts, results):
         assert done and text == tok.decode(greedy_reference(model, tok(p).input_ids, 16), skip_special_tokens=True)
+
+
+def test_api_keys_from_flag_environment_and_file(server):
+    """Each source's key opens /v1; a wrong key, a key's prefix and a missing header do not (and /health needs none)."""
+    for key in (KEY, ENV_KEY, *FILE_KEYS):
+        assert httpx.get(server + "/v1/models", headers=auth(key)).status_code == 200, key
+    for headers in ({}, auth("sk-wrong"), auth(FILE_KEYS[0][:-1]), {"Authorization": "Bearer"},
+                    {"Authorization": FILE_KEYS[0]}):
+        assert httpx.get(server + "/v1/models", headers=headers).status_code == 401, headers
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def test_api_key_file_and_empty_key_errors_are_one_line(tmp_path, tiny, capsys, monkeypatch):
+    from lmforge.cli import main
+
+    monkeypatch.delenv("LMFORGE_API_KEY", raising=False)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "comments.txt").write_text("# no key yet\n\n   \n")
+    (tmp_path / "latin1.txt").write_bytes(b"sk-caf\xe9\n")
+    cases = [(["--api-key-file", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
+             (["--api-key-file", str(tmp_path / "empty.txt")], "empty.txt: holds no key"),
+             (["--api-key-file", str(tmp_path / "comments.txt")], "comments.txt: holds no key"),
+             (["--api-key-file", str(tmp_path)], "cannot read it (Is a directory)"),
+             (["--api-key-file", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+             (["--api-key", ""], "api_key: a key is empty")]
+    for args, message in cases:
+        assert main(["serve", str(tiny), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
 
 
 def test_errors_are_openai_shaped_4xx(server):
@@ -219,18 +255,88 @@ def test_serve_bad_model_and_config_errors(tmp_path):
     assert p.returncode == 2 and "max_batch" in p.stderr
 
 
-def test_vllm_backend_command_and_missing_package(tiny):
-    from lmforge.serve.server import ServeConfig, vllm_command
+# ---- --backend vllm ----------------------------------------------------------------------------
+# A value away from the default for every ServeConfig key: a new key fails the test below until it is classified in
+# server.py (VLLM_PASSED or VLLM_REFUSED) and given a value here.
+NON_DEFAULT = {"host": "0.0.0.0", "port": 9001, "api_key": ["sk-1"], "api_key_file": "FILE",
+               "served_model_name": ["a", "b"], "max_batch": 7, "max_model_len": 4096, "max_prefill_tokens": 2048,
+               "dtype": "float16", "max_queue": 5, "request_timeout": 5.0, "max_body_bytes": 4096, "threads": 2,
+               "device": "cpu"}
 
-    cfg = ServeConfig(model=str(tiny), port=9000, max_batch=64, max_model_len=4096, api_key=["k1"])
-    cmd, env = vllm_command(cfg, str(tiny))
-    assert cmd[:3] == ["vllm", "serve", str(tiny)] and cmd[cmd.index("--max-num-seqs") + 1] == "64"
-    assert cmd[cmd.index("--max-model-len") + 1] == "4096" and cmd[cmd.index("--served-model-name") + 1] == str(tiny)
-    assert env == {"VLLM_API_KEY": "k1"} and "k1" not in cmd
-    import shutil
-    if shutil.which("vllm") is None:
-        p = run_cli("serve", str(tiny), "--backend", "vllm", check=False, timeout=60)
-        assert p.returncode == 2 and "needs the vllm package" in p.stderr
+
+def test_every_serve_setting_is_passed_to_vllm_or_refused(tmp_path):
+    from lmforge.errors import UserError
+    from lmforge.serve.server import VLLM_PASSED, VLLM_REFUSED, ServeConfig, resolve_api_keys, vllm_command
+
+    assert set(VLLM_PASSED) | set(VLLM_REFUSED) == set(ServeConfig.model_fields), "classify every key for vLLM"
+    assert not set(VLLM_PASSED) & set(VLLM_REFUSED)
+    (tmp_path / "keys").write_text("sk-file\n")
+
+    def launch(**settings):
+        cfg = ServeConfig(model="m", **settings)
+        return vllm_command(cfg, "/models/m", resolve_api_keys(cfg, environ={}), auto_dtype="bfloat16")
+
+    base_cmd, base_env = launch()
+    assert base_cmd == ["vllm", "serve", "/models/m", "--host", "127.0.0.1", "--port", "8000", "--served-model-name",
+                        "m", "--max-num-seqs", "32", "--max-num-batched-tokens", str(1024 + 32), "--dtype", "bfloat16"]
+    assert base_env == {}
+    for key in set(VLLM_PASSED) - {"model", "backend"}:  # model is vllm's MODEL argument; backend picks vLLM
+        value = str(tmp_path / "keys") if NON_DEFAULT[key] == "FILE" else NON_DEFAULT[key]
+        cmd, env = launch(**{key: value})
+        flag = VLLM_PASSED[key].split()[0].rstrip(",;")
+        assert (cmd, env) != (base_cmd, base_env), f"{key} changes nothing in what vLLM gets"
+        if flag.startswith("--"):
+            assert flag in cmd and cmd != base_cmd, key
+        else:
+            assert env == {"VLLM_API_KEY": "sk-1" if key == "api_key" else "sk-file"} and cmd == base_cmd, key
+    cmd = launch(max_batch=7, max_prefill_tokens=100, max_model_len=64, dtype="float32")[0]
+    assert [cmd[cmd.index(flag) + 1] for flag in ("--max-num-batched-tokens", "--max-model-len", "--dtype")] == \
+        ["107", "64", "float32"]
+    cmd = launch(served_model_name=["a", "b"])[0]
+    assert cmd[cmd.index("--served-model-name"):][:4] == ["--served-model-name", "a", "b", "--max-num-seqs"]
+    for key, reason in VLLM_REFUSED.items():
+        with pytest.raises(UserError) as e:
+            launch(**{key: NON_DEFAULT[key]})
+        message = str(e.value)
+        assert message.startswith(f"--backend vllm: {key}=") and reason in message and "\n" not in message
+    with pytest.raises(UserError, match="takes one API key, got 2"):
+        launch(api_key=["sk-1", "sk-2"])
+
+
+FAKE_VLLM = """#!{python}
+import json, os, sys
+with open({record!r}, "w") as f:
+    json.dump({{"argv": sys.argv[1:], "key": os.environ.get("VLLM_API_KEY")}}, f)
+"""
+
+
+def test_backend_vllm_execs_vllm_serve_with_the_key_in_its_environment(tiny, tmp_path):
+    """The whole path to exec, with a stand-in `vllm` that records what it was given: the command line, the key in
+    VLLM_API_KEY (never in argv or the output), auto dtype resolved (float32 without a GPU), refusals before exec."""
+    import sys
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "vllm-got.json"
+    bin_dir.mkdir()
+    (bin_dir / "vllm").write_text(FAKE_VLLM.format(python=sys.executable, record=str(record)))
+    (bin_dir / "vllm").chmod(0o755)
+    env = {"PATH": str(bin_dir), "LMFORGE_API_KEY": ENV_KEY, "CUDA_VISIBLE_DEVICES": ""}
+    p = run_cli("serve", str(tiny), "--backend", "vllm", "--max-batch", "8", "--served-model-name", "tiny", env=env,
+                timeout=120)
+    got = json.loads(record.read_text())
+    assert got == {"key": ENV_KEY, "argv": [
+        "serve", str(tiny), "--host", "127.0.0.1", "--port", "8000", "--served-model-name", "tiny", "--max-num-seqs",
+        "8", "--max-num-batched-tokens", "1032", "--dtype", "float32"]}
+    assert ENV_KEY not in p.stdout + p.stderr and ARGV_WARNING not in p.stderr
+    assert "exec: vllm serve " in p.stdout and "does not apply" not in p.stdout
+    assert "max_queue, request_timeout, max_body_bytes, threads, device settings do not apply" in p.stdout
+    assert "warning: vLLM checks the API key only under /v1" in p.stderr  # what vLLM's key leaves open, said once
+
+    record.unlink()
+    p = run_cli("serve", str(tiny), "--backend", "vllm", "--max-queue", "5", env=env, check=False, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: --backend vllm: max_queue=5 has no vLLM equivalent")
+    assert p.stderr.count("\n") == 1 and not record.exists()
+    p = run_cli("serve", str(tiny), "--backend", "vllm", env={"PATH": str(tmp_path)}, check=False, timeout=120)
+    assert p.returncode == 2 and "needs the vllm package" in p.stderr and p.stderr.count("\n") == 1
 
 
 def test_n_choices_echo_only_and_chat_logprobs(server, hf):

@@ -118,7 +118,7 @@ def test_nginx_balances_and_fails_over(tmp_path):
     replicas, nginx, logs = [], None, []
     try:
         with ThreadPoolExecutor(2) as pool:  # both load at once; keep whichever started, to stop it below
-            starts = [pool.submit(start_server, model, "--api-key", KEY, env={"OMP_NUM_THREADS": "1"})
+            starts = [pool.submit(start_server, model, env={"OMP_NUM_THREADS": "1", "LMFORGE_API_KEY": KEY})
                       for _ in range(2)]
         replicas += [f.result() for f in starts if f.exception() is None]
         for f in starts:
