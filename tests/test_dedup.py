@@ -66,7 +66,7 @@ def ref_bands(sig: list[int], cfg: DedupConfig) -> list[int]:
     return [ref_combine(sig[i * cfg.rows:(i + 1) * cfg.rows]) for i in range(cfg.bands)]
 
 
-def ref_jaccard(a: str, b: str, n: int = 5) -> float:
+def ref_jaccard(a: str, b: str, n: int = DedupConfig().ngram) -> float:
     sa, sb = set(ref_shingles(a, n)), set(ref_shingles(b, n))
     return len(sa & sb) / len(sa | sb)
 
@@ -126,12 +126,13 @@ def test_signatures_equal_datasketch_legacy_minhash():
 
     datasketch = require("datasketch")
     cfg = DedupConfig()
+    num_perm = cfg.bands * cfg.rows
     _, _, sigs = batch_signatures(TEXTS[:3], cfg)
     for i, text in enumerate(TEXTS[:3]):
         try:
-            m = datasketch.MinHash(num_perm=112, seed=cfg.seed, scheme="legacy", hashfunc=ref_shingle_hash)
+            m = datasketch.MinHash(num_perm=num_perm, seed=cfg.seed, scheme="legacy", hashfunc=ref_shingle_hash)
         except TypeError:       # datasketch < 2.0: the legacy scheme is the only one
-            m = datasketch.MinHash(num_perm=112, seed=cfg.seed, hashfunc=ref_shingle_hash)
+            m = datasketch.MinHash(num_perm=num_perm, seed=cfg.seed, hashfunc=ref_shingle_hash)
         for s in ref_shingles(text, cfg.ngram):
             m.update(s)
         assert sigs[i].tolist() == m.hashvalues.tolist()
@@ -140,10 +141,11 @@ def test_signatures_equal_datasketch_legacy_minhash():
 def test_signatures_do_not_depend_on_batching(monkeypatch):
     rng = random.Random(3)
     texts = [random_text(rng, rng.randrange(1, 300)) for _ in range(40)]
-    _, _, whole = batch_signatures(texts, DedupConfig())
-    monkeypatch.setattr(D, "_CHUNK_ELEMS", 112 * 37)   # chunks of 37 shingles: documents span chunks
-    _, _, chunked = batch_signatures(texts, DedupConfig())
-    _, _, one_by_one = zip(*(batch_signatures([t], DedupConfig()) for t in texts))
+    cfg = DedupConfig()
+    _, _, whole = batch_signatures(texts, cfg)
+    monkeypatch.setattr(D, "_CHUNK_ELEMS", cfg.bands * cfg.rows * 37)   # chunks of 37 shingles: docs span chunks
+    _, _, chunked = batch_signatures(texts, cfg)
+    _, _, one_by_one = zip(*(batch_signatures([t], cfg) for t in texts))
     assert np.array_equal(whole, chunked)
     assert np.array_equal(whole, np.concatenate(one_by_one))
 
@@ -175,8 +177,8 @@ def test_exact_duplicates_are_removed_keeping_the_first():
 def test_near_duplicate_removed_and_dissimilar_kept():
     rng = random.Random(0)
     base = [random_text(rng) for _ in range(30)]
-    near = substitute(base[7], 2, rng)     # J ~ 0.85
-    far = substitute(base[9], 15, rng)     # J ~ 0.3
+    near = substitute(base[7], 2, rng)     # J ~ 0.9
+    far = substitute(base[9], 20, rng)     # J ~ 0.4
     assert ref_jaccard(base[7], near) > 0.8 and ref_jaccard(base[9], far) < 0.5
     docs = [Document(f"b{i}", t) for i, t in enumerate(base)] + [Document("near", near), Document("far", far)]
     kept, stats = dedup_documents(docs)
@@ -187,6 +189,23 @@ def test_near_duplicate_removed_and_dissimilar_kept():
     # unverified (FineWeb's behaviour) finds the same high-similarity pair
     kept_unverified, _ = dedup_documents(docs, DedupConfig(threshold=None))
     assert "near" not in {d.id for d in kept_unverified}
+
+
+def test_defaults_remove_copies_with_up_to_3_percent_of_words_substituted():
+    """Issue 14: with the defaults, 200-word copies with 1, 2 or 3 % of their words substituted go;
+    copies with 8 or 15 % substituted and unrelated documents stay."""
+    cfg = DedupConfig()
+    assert 1 - (1 - cfg.threshold ** cfg.rows) ** cfg.bands >= 0.99   # the S-curve: a pair at the threshold
+    rng = random.Random(5)
+    base = [random_text(rng, 200) for _ in range(60)]
+    docs = [Document(f"b{i}", t) for i, t in enumerate(base)]
+    copies = {}
+    for k, share in enumerate((0.01, 0.02, 0.03, 0.08, 0.15)):    # 12 copies each, of 12 other documents
+        copies[share] = [Document(f"{share}-b{i}", substitute(base[i], round(share * 200), rng))
+                         for i in range(12 * k, 12 * k + 12)]
+    kept, stats = dedup_documents(docs + [d for c in copies.values() for d in c], cfg)
+    assert {d.id for d in kept} == {d.id for d in docs + copies[0.08] + copies[0.15]}
+    assert stats.drops == {"near_duplicate": 36}
 
 
 def test_a_cluster_keeps_one_document():
@@ -293,7 +312,7 @@ def test_filter_refuses_a_shard_in_another_order_or_size(tmp_path):
 
 def test_phase_two_refuses_mismatched_or_unfinished_signatures(tmp_path):
     write_signatures([Document("a", "x y z")], tmp_path / "s0", 0, DedupConfig(bands=7))
-    with pytest.raises(ValueError, match=r"s0/header.json: bands=7 but the dedup config has bands=14"):
+    with pytest.raises(ValueError, match=r"s0/header.json: bands=7 but the dedup config has bands=20"):
         find_duplicates([tmp_path / "s0"], tmp_path / "w", DedupConfig())
     write_signatures([Document("a", "x y z")], tmp_path / "s1", 0)
     with pytest.raises(ValueError, match="both hold shard_index 0"):

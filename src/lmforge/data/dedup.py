@@ -2,7 +2,7 @@
 
 The phases talk through files, so each shard's phase 1 and 3 can run in its own process and the
 corpus can be larger than memory (phase 2 reads one band at a time; dedup_lsh.py); on disk phase 1
-writes about 4 * sketch_size + 8 * bands + 33 bytes per document (1.2 KiB with the defaults).
+writes about 4 * sketch_size + 8 * bands + 33 bytes per document (2.2 KiB with the defaults).
 
 1. `write_signatures(docs, out_dir, shard_index, cfg)`: one pass over a shard. Per document (its
    global key is `(shard_index, position)`): an exact-text hash, a URL hash, an id hash, `bands`
