@@ -123,6 +123,11 @@ def test_api_key_file_and_empty_key_errors_are_one_line(tmp_path, tiny, capsys, 
         assert main(["serve", str(tiny), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("api_key: [123456789]\nmax_batch: 0\n")  # a numeric key is a key; an error elsewhere never shows it
+    assert main(["serve", str(tiny), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "max_batch" in err and "123456789" not in err
 
 
 def test_errors_are_openai_shaped_4xx(server):

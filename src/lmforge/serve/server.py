@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge.config import Strict
 from lmforge.errors import UserError
@@ -52,6 +52,13 @@ class ServeConfig(Strict):
         "auto", description="weights dtype; auto: bfloat16 on CUDA, float32 elsewhere")
     backend: Literal["lmforge", "vllm"] = Field("lmforge", description="vllm: run vLLM's own server with these "
                                                                        "settings")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _keys_as_text(cls, v):
+        """Numbers in YAML (`api_key: [1234]`) are the keys' text: pydantic's error would quote them."""
+        items = v if isinstance(v, list) else [v]
+        return [str(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else k for k in items]
 
 
 # ---- API keys ------------------------------------------------------------------------------------
