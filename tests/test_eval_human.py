@@ -149,7 +149,8 @@ VOTER_SCRIPT = textwrap.dedent("""
     while not os.path.exists(sys.argv[1] + ".go"):  # start together with the other voters
         time.sleep(0.005)
     for i in range(int(sys.argv[2])):
-        store.vote(store.show("p", "m1", "m2"), ["a", "b", "tie"][i % 3], "proc" + sys.argv[3])
+        voter = "proc" + sys.argv[3]
+        store.vote(store.show("p", "m1", "m2", voter=voter), ["a", "b", "tie"][i % 3], voter)
 """)
 
 
@@ -165,8 +166,8 @@ def test_concurrent_voters_are_all_recorded(tmp_path):
         go.wait()
         try:
             for i in range(25):
-                store.vote(store.show("q", "m2", "m3"), "both_bad" if i % 2 else "b", f"thread{k}")
-                store.rate(store.show("q", "m3"), 1 + i % 5, f"thread{k}")
+                store.vote(store.show("q", "m2", "m3", voter=f"thread{k}"), "both_bad" if i % 2 else "b", f"thread{k}")
+                store.rate(store.show("q", "m3", voter=f"thread{k}"), 1 + i % 5, f"thread{k}")
         except Exception as e:  # reported below: an assert in a thread would go unseen
             errors.append(e)
 
@@ -189,26 +190,75 @@ def test_concurrent_voters_are_all_recorded(tmp_path):
 
 def test_store_rejects_bad_votes(tmp_path):
     store = Store(tmp_path / "v.sqlite", ["m1", "m2"])
-    token = store.show("p", "m1", "m2")
+    token = store.show("p", "m1", "m2", voter="x")
     with pytest.raises(VoteError, match="winner must be one of"):
         store.vote(token, "c", "x")
-    with pytest.raises(VoteError, match="unknown token"):
+    with pytest.raises(VoteError, match="unknown or expired token"):
         store.vote("nope", "a", "x")
-    with pytest.raises(VoteError, match="unknown token"):  # a rating token cannot carry a pairwise vote
-        store.vote(store.show("p", "m1"), "a", "x")
+    with pytest.raises(VoteError, match="unknown or expired token"):  # a rating token cannot carry a pairwise vote
+        store.vote(store.show("p", "m1", voter="x"), "a", "x")
     assert store.vote(token, "a", "x") == Vote("m1", "m2", "a")
     with pytest.raises(VoteError, match="already voted") as e:
         store.vote(token, "a", "x")
     assert e.value.status == 409
     # The same database opened by a session with other models: a page showing a model outside them is refused.
-    stale = store.show("p", "m1", "m2")
+    stale = store.show("p", "m1", "m2", voter="x")
     other = Store(tmp_path / "v.sqlite", ["m1", "m3"])
     with pytest.raises(VoteError, match="'m2' is not one of this session's models"):
         other.vote(stale, "a", "x")
     assert other.votes() == []  # the m1-m2 vote is not between this session's models
     for bad in ("0", "6", "x", "", "4.5"):
         with pytest.raises(VoteError, match="from 1 to 5"):
-            store.rate(store.show("p", "m1"), bad, "x")
+            store.rate(store.show("p", "m1", voter="x"), bad, "x")
+
+
+def test_tokens_expire_belong_to_their_voter_and_take_one_vote(tmp_path):
+    import time
+
+    store = Store(tmp_path / "v.sqlite", ["m1", "m2"], token_ttl_s=0.3)
+    token = store.show("p", "m1", "m2", voter="alice")
+    with pytest.raises(VoteError, match="shown to another browser") as e:
+        store.vote(token, "a", "bob")
+    assert e.value.status == 403
+    time.sleep(0.4)
+    with pytest.raises(VoteError, match=r"this page expired \(0.3 s after it was shown\)"):
+        store.vote(token, "a", "alice")
+    fresh = store.show("p", "m1", "m2", voter="alice")  # showing a page prunes the expired token
+    assert store.tokens() == 1
+    assert store.vote(fresh, "b", "alice") == Vote("m1", "m2", "b")
+    with pytest.raises(VoteError, match="already voted") as e:
+        store.vote(fresh, "a", "alice")
+    assert e.value.status == 409 and store.votes() == [Vote("m1", "m2", "b")]
+
+
+def test_token_table_is_bounded_per_voter_and_in_all(tmp_path):
+    store = Store(tmp_path / "v.sqlite", ["m1", "m2"], max_tokens=30, tokens_per_voter=4)
+    first = [store.show("p", "m1", "m2", voter="alice") for _ in range(4)]
+    later = [store.show("p", "m1", "m2", voter="alice") for _ in range(100)]
+    assert store.tokens() == 4  # alice's oldest unused tokens went first
+    with pytest.raises(VoteError, match="unknown or expired token"):
+        store.vote(first[0], "a", "alice")
+    assert store.vote(later[-1], "a", "alice") == Vote("m1", "m2", "a")  # her newest still work
+    for i in range(200):  # a new voter (a thrown-away cookie) per page
+        store.show("p", "m1", "m2", voter=f"v{i}")
+    assert store.tokens() == 30
+    with pytest.raises(VoteError, match="unknown or expired token"):  # the table's oldest rows went
+        store.vote(later[-2], "a", "alice")
+    assert store.vote(store.show("p", "m1", "m2", voter="alice"), "tie", "alice") == Vote("m1", "m2", "tie")
+
+
+def test_a_database_from_before_voter_binding_opens_and_works(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:  # the schema before tokens were bound to voters
+        conn.executescript("CREATE TABLE shown (token TEXT PRIMARY KEY, kind TEXT NOT NULL, prompt_id TEXT NOT NULL, "
+                           "model_a TEXT NOT NULL, model_b TEXT, created REAL NOT NULL, used INTEGER NOT NULL "
+                           "DEFAULT 0); INSERT INTO shown VALUES ('old', 'pair', 'p', 'm1', 'm2', 0, 0);")
+    store = Store(db, ["m1", "m2"])
+    with pytest.raises(VoteError, match="unknown or expired token|expired"):
+        store.vote("old", "a", "")
+    assert store.vote(store.show("p", "m1", "m2", voter="v"), "a", "v") == Vote("m1", "m2", "a")
 
 
 # ---- prompts and answers ------------------------------------------------------------------------
@@ -272,16 +322,21 @@ def test_engine_and_generate_fallback_give_the_same_greedy_answers(tmp_path, one
 
 
 # ---- the web app --------------------------------------------------------------------------------
-@pytest.fixture
-def client(tmp_path):
+def make_client(tmp_path, store_kw: dict | None = None, **session_kw):
+    """A TestClient on the app over a one-prompt, two-model session; `store_kw` and `session_kw` set its limits."""
     from fastapi.testclient import TestClient
 
     from lmforge.eval.human.app import Session, create_app
 
     prompt = make_prompt("Say <hello>")
-    session = Session(Store(tmp_path / "votes.sqlite", ["m1", "m2"]), ["m1", "m2"], [prompt],
-                      {("m1", prompt.id): XSS, ("m2", prompt.id): "plain & simple"}, rounds=50)
-    with TestClient(create_app(session), follow_redirects=False) as c:
+    session = Session(Store(tmp_path / "votes.sqlite", ["m1", "m2"], **(store_kw or {})), ["m1", "m2"], [prompt],
+                      {("m1", prompt.id): XSS, ("m2", prompt.id): "plain & simple"}, rounds=50, **session_kw)
+    return TestClient(create_app(session), follow_redirects=False)
+
+
+@pytest.fixture
+def client(tmp_path):
+    with make_client(tmp_path) as c:
         yield c
 
 
@@ -305,7 +360,7 @@ def test_app_bad_votes_get_400(client):
     token = _token(client.get("/").text)
     for body, status, message in [({"token": token, "winner": "c"}, 400, "winner must be one of"),
                                   ({"token": token}, 400, "winner must be one of"),
-                                  ({"token": "forged", "winner": "a"}, 400, "unknown token"),
+                                  ({"token": "forged", "winner": "a"}, 400, "unknown or expired token"),
                                   ({"token": token, "winner": "a" * 5000}, 413, "form body over")]:
         r = client.post("/vote", data=body)
         assert r.status_code == status and r.text.startswith(f"error: {message}"), (body, r.text)
@@ -322,6 +377,98 @@ def test_app_bad_votes_get_400(client):
     csv = client.get("/results.csv").text.splitlines()
     assert csv[0].startswith("rank,model,bt_rating,bt_ci_low,bt_ci_high,elo,votes,wins,ties,losses")
     assert {line.split(",")[6] for line in csv[1:]} == {"1"} and len(csv) == 3
+
+
+def test_app_expired_and_reused_tokens_are_refused(tmp_path):
+    import time
+
+    with make_client(tmp_path, {"token_ttl_s": 0.3}) as c:
+        token = _token(c.get("/").text)
+        time.sleep(0.4)
+        r = c.post("/vote", data={"token": token, "winner": "a"})
+        assert r.status_code == 400 and r.text.startswith("error: this page expired")
+        token = _token(c.get("/").text)
+        assert c.post("/vote", data={"token": token, "winner": "a"}).status_code == 303
+        r = c.post("/vote", data={"token": token, "winner": "b"})
+        assert r.status_code == 409 and "already voted" in r.text
+        other = _token(c.get("/").text)
+        c.cookies.clear()  # another browser (no cookie, or another one) cannot use this browser's page
+        r = c.post("/vote", data={"token": other, "winner": "a"})
+        assert r.status_code == 403 and "another browser" in r.text
+
+
+def test_votes_are_rate_limited_per_voter_and_per_address(tmp_path):
+    with make_client(tmp_path, votes_per_minute=3, address_votes_per_minute=5) as c:
+        for _ in range(3):
+            assert c.post("/vote", data={"token": _token(c.get("/").text), "winner": "a"}).status_code == 303
+        token = _token(c.get("/rate").text)
+        r = c.post("/rate", data={"token": token, "score": "4"})  # ratings count too
+        assert r.status_code == 429 and r.text.startswith("error: too many votes from this voter: at most 3 a minute")
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        c.cookies.clear()  # a new cookie is a new voter, but the same address
+        for _ in range(2):
+            assert c.post("/vote", data={"token": _token(c.get("/").text), "winner": "b"}).status_code == 303
+        r = c.post("/vote", data={"token": _token(c.get("/").text), "winner": "b"})
+        assert r.status_code == 429 and "too many votes from address testclient: at most 5 a minute" in r.text
+    assert len(Store(tmp_path / "votes.sqlite", ["m1", "m2"]).votes()) == 5  # the refused ones were not recorded
+
+
+def test_token_table_stays_bounded_under_a_flood_of_page_loads(tmp_path):
+    with make_client(tmp_path, {"max_tokens": 40, "tokens_per_voter": 5}) as c:
+        first = _token(c.get("/").text)
+        for _ in range(150):
+            c.get("/rate")
+        store = Store(tmp_path / "votes.sqlite", ["m1", "m2"])
+        assert store.tokens() == 5  # one browser: its newest 5 pages
+        for _ in range(300):
+            c.cookies.clear()  # a client that throws its cookie away: a new voter per page
+            c.get("/")
+        assert store.tokens() == 40
+        r = c.post("/vote", data={"token": first, "winner": "a"})
+        assert r.status_code == 400 and "unknown or expired token" in r.text
+        assert c.post("/vote", data={"token": _token(c.get("/").text), "winner": "a"}).status_code == 303
+        assert store.tokens() <= 40
+
+
+def test_password_guards_every_page_but_health(tmp_path):
+    import base64
+
+    def basic(password: str, user: str = "anyone") -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    with make_client(tmp_path, password="s3cret pässword") as c:
+        for path in ("/", "/rate", "/results", "/results.csv"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith('Basic realm="lmforge'), path
+            assert r.text == "error: this page needs the password (HTTP Basic auth, any user name)\n"
+            assert "default-src 'none'" in r.headers["content-security-policy"]  # refusals get the headers too
+        assert c.post("/vote", data={"token": "x", "winner": "a"}).status_code == 401
+        assert c.get("/health").status_code == 200
+        page = c.get("/", headers=basic("s3cret pässword"))
+        assert page.status_code == 200 and "Which answer is better?" in page.text
+        r = c.post("/vote", data={"token": _token(page.text), "winner": "a"}, headers=basic("s3cret pässword", ""))
+        assert r.status_code == 303
+        for bad in (basic("s3cret"), basic("s3cret pässword2"), {"Authorization": "Basic !!!"},
+                    {"Authorization": "Bearer s3cret"}):
+            assert c.get("/results", headers=bad).status_code == 401, bad
+        for _ in range(6):  # 4 wrong so far: the 10th wrong password is the last one checked this minute
+            c.get("/", headers=basic("guess"))
+        r = c.get("/", headers=basic("s3cret pässword"))  # even the right one waits: guessing gets no faster
+        assert r.status_code == 429 and r.text.startswith("error: too many wrong passwords from testclient")
+        assert c.get("/health").status_code == 200
+
+
+def test_secret_on_the_command_line_is_warned_about(monkeypatch, capsys):
+    from lmforge.eval.human.app import warn_if_on_command_line
+
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "lmforge", "eval", "human", "--password", "hunter2"])
+    assert warn_if_on_command_line("hunter2", "the password", "LMFORGE_HUMAN_PASSWORD")
+    err = capsys.readouterr().err
+    assert err == ("warning: the password on the command line is visible to every user of this machine (ps); use "
+                   "LMFORGE_HUMAN_PASSWORD\n")
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "lmforge", "eval", "human", "--models", "a", "b"])
+    assert not warn_if_on_command_line("hunter2", "the password", "LMFORGE_HUMAN_PASSWORD")
+    assert capsys.readouterr().err == ""
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -345,6 +492,46 @@ def test_cli_bad_inputs_fail_with_one_line(tmp_path, capsys):
         assert main(["eval", "human", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
+
+
+@pytest.mark.slow
+def test_command_takes_the_password_from_the_environment_and_never_writes_it(tmp_path):
+    """LMFORGE_HUMAN_PASSWORD guards the pages; it is not in config.yaml, the output, or a warning about `ps`."""
+    import base64
+
+    import httpx
+    import yaml
+
+    password = "correct horse battery staple"
+    models = [str(save_tiny(tmp_path / m, seed=k)) for k, m in enumerate(("m1", "m2"))]
+    prompt = make_prompt("Say hi.")
+    (tmp_path / "prompts.txt").write_text(prompt.instruction + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = json.loads(Settings(max_new_tokens=8).key())
+    (out / "answers.jsonl").write_text("".join(json.dumps({"model": m, "prompt_id": prompt.id, "settings": settings,
+                                                           "prompt": prompt.text, "answer": f"hi from {m}"}) + "\n"
+                                               for m in models))  # cached: nothing to generate
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "eval", "human", "--models", *models, "--prompts",
+                             str(tmp_path / "prompts.txt"), "--out", str(out), "--port", str(port),
+                             "--max-new-tokens", "8", "--device", "cpu"], cwd=ROOT,
+                            env={**os.environ, "LMFORGE_HUMAN_PASSWORD": password}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_healthy(proc, url, 120, "lmforge eval human")  # /health needs no password
+        with httpx.Client(trust_env=False) as client:
+            assert client.get(url + "/").status_code == 401
+            auth = {"Authorization": "Basic " + base64.b64encode(f"me:{password}".encode()).decode()}
+            page = client.get(url + "/", headers=auth)
+            assert page.status_code == 200 and "hi from" in page.text
+    finally:
+        log = stop_server(proc)
+    config = (out / "config.yaml").read_text()
+    assert yaml.safe_load(config)["password"] is None and password not in config
+    assert password not in log and "warning:" not in log, log
+    assert "password required (HTTP Basic auth); Ctrl-C stops" in log and "answers: 0 generated, 2 reused" in log
 
 
 def _browser():

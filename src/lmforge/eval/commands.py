@@ -100,6 +100,23 @@ class HumanConfig(Strict):
     seed: int = Field(0, description="seeds sampling (with temperature) and which pairs are shown")
     device: Device = Field("auto", description="where the answers are generated: " + DEVICE_HELP)
     dtype: DType = Field("auto", description=DTYPE_HELP)
+    token_ttl_s: float = Field(3600.0, gt=0, description="seconds a page stays votable; a vote after that is refused "
+                                                          "(reload the page)")
+    votes_per_minute: int = Field(30, ge=1, description="votes and ratings one voter (browser cookie) may send a "
+                                                        "minute; more get 429")
+    address_votes_per_minute: int = Field(120, ge=0, description="votes and ratings a minute from one client address, "
+                                                                 "whatever its cookies (0: no limit; behind a proxy "
+                                                                 "every client has the proxy's address)")
+    password: str | None = Field(None, repr=False, description="require this password (HTTP Basic auth, any user "
+                                                               "name) on every page but /health; "
+                                                               "LMFORGE_HUMAN_PASSWORD sets it too and keeps it out "
+                                                               "of `ps`")
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _password_text(cls, v):
+        """A number in YAML (`password: 1234`) is the password's text: pydantic's error would quote it."""
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 def run_tasks(cfg: TasksConfig) -> int:
@@ -190,12 +207,18 @@ def run_preference(cfg: PreferenceConfig) -> int:
 
 
 def run_human(cfg: HumanConfig) -> int:
+    import os
+
     from lmforge.config import dump_config
     from lmforge.eval.human.answers import Settings, ensure_answers, read_prompts
-    from lmforge.eval.human.app import Session, serve
+    from lmforge.eval.human.app import PASSWORD_ENV, Session, serve, warn_if_on_command_line
     from lmforge.eval.human.store import Store
     from lmforge.model.load import resolve
 
+    if cfg.password == "" or (cfg.password is None and os.environ.get(PASSWORD_ENV) == ""):
+        raise CliError(f"the password is empty: give one, or unset --password and {PASSWORD_ENV} for open pages")
+    password = cfg.password if cfg.password is not None else os.environ.get(PASSWORD_ENV)
+    warn_if_on_command_line(password, "the password", PASSWORD_ENV)
     if len(cfg.models) < 2:
         raise CliError(f"--models needs at least 2 models to compare, got {len(cfg.models)}")
     if len(set(cfg.models)) < len(cfg.models):
@@ -207,14 +230,16 @@ def run_human(cfg: HumanConfig) -> int:
     settings = Settings(cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.template)
     answers, generated, reused = ensure_answers(cfg.models, prompts, settings, out / "answers.jsonl", cfg.device,
                                                 cfg.dtype)
-    dump_config(cfg, out / "config.yaml")
+    dump_config(cfg.model_copy(update={"password": None}), out / "config.yaml")  # never the password
     print(f"answers: {generated} generated, {reused} reused ({len(prompts)} prompts x {len(cfg.models)} models) "
           f"in {out / 'answers.jsonl'}")
-    store = Store(out / "votes.sqlite", cfg.models)
+    store = Store(out / "votes.sqlite", cfg.models, token_ttl_s=cfg.token_ttl_s)
     print(f"votes: {out / 'votes.sqlite'}")
+    locked = "; password required (HTTP Basic auth)" if password else ""
     print(f"serving http://{cfg.host}:{cfg.port}/ (pairwise votes), /rate (1-5 ratings), /results (leaderboard, "
-          f"CSV); Ctrl-C stops", flush=True)
-    serve(Session(store, cfg.models, prompts, answers, seed=cfg.seed), cfg.host, cfg.port)
+          f"CSV){locked}; Ctrl-C stops", flush=True)
+    serve(Session(store, cfg.models, prompts, answers, seed=cfg.seed, votes_per_minute=cfg.votes_per_minute,
+                  address_votes_per_minute=cfg.address_votes_per_minute, password=password), cfg.host, cfg.port)
     return 0
 
 

@@ -3,17 +3,29 @@
 Pages are plain HTML forms (no JavaScript needed). Answers are untrusted model output: Jinja2
 escapes every value (autoescape on, nothing marked safe), and a Content-Security-Policy that allows
 no scripts at all backs that up. Which models wrote the answers on a page is kept server-side behind
-the page's token (see store.py).
+the page's token (see store.py: tokens expire, take one vote, and cannot pile up).
+
+Abuse. Votes and ratings are rate-limited per voter (the browser cookie) and per client address
+(so dropping the cookie does not reset the count), answering 429. With a password every page but
+/health needs HTTP Basic auth (any user name); wrong passwords from one address are limited too.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
+import hmac
 import io
 import itertools
+import math
 import random
+import re
 import secrets
+import sys
 import threading
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import parse_qs
 
@@ -27,6 +39,10 @@ from lmforge.eval.human.ratings import Row, identified, leaderboard
 from lmforge.eval.human.store import Store, VoteError
 
 COOKIE = "lmforge_voter"
+VOTER_ID = re.compile(r"[0-9a-f]{32}")  # what the server issues; any other cookie value gets a new id
+PASSWORD_ENV = "LMFORGE_HUMAN_PASSWORD"
+REALM = 'Basic realm="lmforge human eval", charset="UTF-8"'
+LOGIN_FAILURES_PER_MINUTE = 10  # wrong passwords one address may send; then 429 for the rest of the minute
 MAX_FORM_BYTES = 4096
 HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
                                       "base-uri 'none'; frame-ancestors 'none'",
@@ -116,13 +132,67 @@ the votes. Ratings (1-5) are shown separately and do not enter either.</p>
 
 @dataclass
 class Session:
-    """What the app serves: the votes store, the models, the prompts and every (model, prompt id) answer."""
+    """What the app serves: the votes store, the models, the prompts and every (model, prompt id) answer, and the
+    limits: votes per minute per voter and per address (0: none), and the password (None: open)."""
     store: Store
     models: list[str]
     prompts: list[Prompt]
     answers: dict[tuple[str, str], str]
     seed: int = 0
     rounds: int = 1000
+    votes_per_minute: int = 30
+    address_votes_per_minute: int = 120
+    password: str | None = field(default=None, repr=False)
+
+
+class RateLimiter:
+    """At most `limit` events per key in any `window_s` seconds (a sliding window), thread-safe.
+
+    Memory stays bounded: keys whose window has emptied are dropped once there are many of them."""
+
+    def __init__(self, limit: int, window_s: float = 60.0):
+        self.limit, self.window_s = limit, window_s
+        self.events: dict[str, deque] = {}
+        self.lock = threading.Lock()
+
+    def wait(self, key: str) -> float:
+        """Seconds until `key` may have another event (0: now)."""
+        now = time.monotonic()
+        with self.lock:
+            q = self.events.get(key)
+            while q and q[0] <= now - self.window_s:
+                q.popleft()
+            return 0.0 if not q or len(q) < self.limit else q[0] + self.window_s - now
+
+    def add(self, key: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if len(self.events) > 10_000:  # many one-off keys (e.g. cookies thrown away): forget the idle ones
+                self.events = {k: q for k, q in self.events.items() if q and q[-1] > now - self.window_s}
+            self.events.setdefault(key, deque()).append(now)
+
+
+def password_ok(header: str | None, password: str) -> bool:
+    """Whether an `Authorization: Basic ...` header carries `password` (any user name); compared in constant time."""
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        _, _, given = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(given.encode(), password.encode())
+
+
+def warn_if_on_command_line(secret: str, what: str, instead: str) -> bool:
+    """Print one warning line to stderr when `secret` appears in this process's argv; True when it did.
+
+    Every user of the machine can read a process's argv (`ps`), so a secret there is not one."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    if not secret or not any(secret in arg for arg in argv):
+        return False
+    print(f"warning: {what} on the command line is visible to every user of this machine (ps); use {instead}",
+          file=sys.stderr, flush=True)
+    return True
 
 
 @lru_cache(maxsize=1)
@@ -131,12 +201,12 @@ def _templates() -> Environment:
     return Environment(loader=DictLoader(TEMPLATES), autoescape=True)
 
 
-def _page(request: Request, name: str, **ctx) -> HTMLResponse:
-    """A rendered page (with the flash message a redirect asked for), setting the voter cookie on a first visit."""
+def _page(request: Request, name: str, voter: str, **ctx) -> HTMLResponse:
+    """A rendered page (with the flash message a redirect asked for), setting the voter cookie when it is new."""
     flash = FLASH.get(request.query_params.get("done", ""))
     response = HTMLResponse(_templates().get_template(name).render(flash=flash, **ctx))
-    if COOKIE not in request.cookies:
-        response.set_cookie(COOKIE, secrets.token_hex(16), max_age=365 * 86400, httponly=True, samesite="lax")
+    if request.cookies.get(COOKIE) != voter:
+        response.set_cookie(COOKIE, voter, max_age=365 * 86400, httponly=True, samesite="lax")
     return response
 
 
@@ -148,7 +218,13 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def _voter(request: Request) -> str:
-    return request.cookies.get(COOKIE, "anonymous")[:64]
+    """The voter id from the cookie the server issued, or a new one (a page shown now is bound to it)."""
+    voter = request.cookies.get(COOKIE, "")
+    return voter if VOTER_ID.fullmatch(voter) else secrets.token_hex(16)
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 class _Draws:
@@ -190,6 +266,24 @@ def create_app(session: Session) -> FastAPI:
     """The FastAPI app: / (vote), /rate, /results, /results.csv, /health."""
     draws, board = _Draws(session), _Board(session)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    per_voter, logins = RateLimiter(session.votes_per_minute), RateLimiter(LOGIN_FAILURES_PER_MINUTE)
+    per_address = RateLimiter(session.address_votes_per_minute) if session.address_votes_per_minute else None
+
+    @app.middleware("http")
+    async def password_gate(request: Request, call_next):  # added first, so security_headers wraps its answers
+        if session.password is None or request.url.path == "/health":
+            return await call_next(request)
+        address, header = _address(request), request.headers.get("authorization")
+        wait = logins.wait(address)
+        if wait:  # checked before the password, so guessing goes no faster once the limit is hit
+            return PlainTextResponse(f"error: too many wrong passwords from {address}; wait {math.ceil(wait)} s\n",
+                                     status_code=429, headers={"Retry-After": str(math.ceil(wait))})
+        if password_ok(header, session.password):
+            return await call_next(request)
+        if header:
+            logins.add(address)
+        return PlainTextResponse("error: this page needs the password (HTTP Basic auth, any user name)\n",
+                                 status_code=401, headers={"WWW-Authenticate": REALM})
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -199,7 +293,21 @@ def create_app(session: Session) -> FastAPI:
 
     @app.exception_handler(VoteError)
     async def vote_error(request: Request, e: VoteError):
-        return PlainTextResponse(f"error: {e}\n", status_code=e.status)
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        return PlainTextResponse(f"error: {e}\n", status_code=e.status, headers=headers)
+
+    def limit_votes(request: Request, voter: str) -> None:
+        """Count one vote or rating against the voter's and the address's limits; VoteError 429 past either."""
+        checks = [(per_voter, voter, "this voter")]
+        if per_address is not None:
+            checks.insert(0, (per_address, _address(request), f"address {_address(request)}"))
+        for limiter, key, who in checks:
+            wait = limiter.wait(key)
+            if wait:
+                raise VoteError(f"too many votes from {who}: at most {limiter.limit} a minute; wait "
+                                f"{math.ceil(wait)} s", status=429, retry_after=math.ceil(wait))
+        for limiter, key, _ in checks:
+            limiter.add(key)
 
     @app.get("/health")
     def health():
@@ -208,34 +316,40 @@ def create_app(session: Session) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def compare(request: Request):
         prompt, a, b = draws.pair()
-        token = session.store.show(prompt.id, a, b)
-        return _page(request, "pair.html", title="Compare", prompt=prompt.text, token=token,
+        voter = _voter(request)
+        token = session.store.show(prompt.id, a, b, voter=voter)
+        return _page(request, "pair.html", voter, title="Compare", prompt=prompt.text, token=token,
                      answer_a=session.answers[(a, prompt.id)], answer_b=session.answers[(b, prompt.id)])
 
     @app.post("/vote")
     async def vote(request: Request):
         fields = await _form(request)
-        await run_in_threadpool(session.store.vote, fields.get("token", ""), fields.get("winner", ""), _voter(request))
+        voter = request.cookies.get(COOKIE, "")
+        limit_votes(request, voter)
+        await run_in_threadpool(session.store.vote, fields.get("token", ""), fields.get("winner", ""), voter)
         return RedirectResponse("/?done=vote", status_code=303)
 
     @app.get("/rate", response_class=HTMLResponse)
     def rate_page(request: Request):
         prompt, model = draws.one()
-        token = session.store.show(prompt.id, model)
-        return _page(request, "rate.html", title="Rate", prompt=prompt.text,
+        voter = _voter(request)
+        token = session.store.show(prompt.id, model, voter=voter)
+        return _page(request, "rate.html", voter, title="Rate", prompt=prompt.text,
                      answer=session.answers[(model, prompt.id)], token=token, rubric=RUBRIC)
 
     @app.post("/rate")
     async def rate(request: Request):
         fields = await _form(request)
-        await run_in_threadpool(session.store.rate, fields.get("token", ""), fields.get("score", ""), _voter(request))
+        voter = request.cookies.get(COOKIE, "")
+        limit_votes(request, voter)
+        await run_in_threadpool(session.store.rate, fields.get("token", ""), fields.get("score", ""), voter)
         return RedirectResponse("/rate?done=rating", status_code=303)
 
     @app.get("/results", response_class=HTMLResponse)
     def results_page(request: Request):
         rows, fitted, n_votes, n_scores = board()
-        return _page(request, "results.html", title="Results", rows=rows, fitted=fitted, n_votes=n_votes,
-                     n_scores=n_scores, rounds=session.rounds)
+        return _page(request, "results.html", _voter(request), title="Results", rows=rows, fitted=fitted,
+                     n_votes=n_votes, n_scores=n_scores, rounds=session.rounds)
 
     @app.get("/results.csv")
     def results_csv():
