@@ -14,6 +14,7 @@ from lmforge.data.base import Document, StepStats
 from lmforge.data.dedup import dedup_documents, dedup_filter, write_signatures
 from lmforge.data.dedup_lsh import DedupConfig, find_duplicates
 from lmforge.data.dedup_text import normalize_url, normalized_words
+from lmforge.errors import UserError
 
 M64, MERSENNE = (1 << 64) - 1, (1 << 61) - 1
 
@@ -302,23 +303,23 @@ def test_filter_refuses_a_shard_in_another_order_or_size(tmp_path):
     docs = corpus(n=40)
     write_signatures(docs, tmp_path / "sig", 0)
     manifest = find_duplicates([tmp_path / "sig"], tmp_path, DedupConfig())
-    with pytest.raises(ValueError, match="not the one write_signatures saw"):
+    with pytest.raises(UserError, match="not the one write_signatures saw"):
         list(dedup_filter(manifest, 0)(reversed(docs), StepStats("dedup")))
-    with pytest.raises(ValueError, match="documents, but"):
+    with pytest.raises(UserError, match="documents, but"):
         list(dedup_filter(manifest, 0)(docs[:10], StepStats("dedup")))
-    with pytest.raises(ValueError, match="no shard_index 5"):
+    with pytest.raises(UserError, match="no shard_index 5"):
         dedup_filter(manifest, 5)
 
 
 def test_phase_two_refuses_mismatched_or_unfinished_signatures(tmp_path):
     write_signatures([Document("a", "x y z")], tmp_path / "s0", 0, DedupConfig(bands=7))
-    with pytest.raises(ValueError, match=r"s0/header.json: bands=7 but the dedup config has bands=20"):
+    with pytest.raises(UserError, match=r"s0/header.json: bands=7 but the dedup config has bands=20"):
         find_duplicates([tmp_path / "s0"], tmp_path / "w", DedupConfig())
     write_signatures([Document("a", "x y z")], tmp_path / "s1", 0)
-    with pytest.raises(ValueError, match="both hold shard_index 0"):
+    with pytest.raises(UserError, match="both hold shard_index 0"):
         find_duplicates([tmp_path / "s1", tmp_path / "s1"], tmp_path / "w", DedupConfig())
     (tmp_path / "s1" / "header.json").unlink()
-    with pytest.raises(ValueError, match="no header.json"):
+    with pytest.raises(UserError, match="no header.json"):
         find_duplicates([tmp_path / "s1"], tmp_path / "w", DedupConfig())
 
 
@@ -335,5 +336,5 @@ def test_mersenne_reduction_and_bucket_pairs():
 
 def test_url_dedup_needs_url_hashes_from_phase_one(tmp_path):
     write_signatures([Document("a", "x", url="http://a")], tmp_path / "s0", 0)
-    with pytest.raises(ValueError, match="written with url=false"):
+    with pytest.raises(UserError, match="written with url=false"):
         find_duplicates([tmp_path / "s0"], tmp_path / "w", DedupConfig(url=True))

@@ -33,6 +33,7 @@ from lmforge.data.base import MAX_EXAMPLES, Document, StepStats, counted
 from lmforge.data.dedup_lsh import (MANIFEST_FORMAT, META_DTYPE, REASONS, SIG_FORMAT, DedupConfig, band_hashes,
                                     bottom_k_sketches, find_duplicates, minhash_signatures, shingle_hashes)
 from lmforge.data.dedup_text import normalize_url, normalized_words
+from lmforge.errors import UserError
 
 # ---------------------------------------------------------------- phase 1: signatures per shard
 
@@ -108,18 +109,18 @@ class DedupFilter:
         for n, doc in enumerate(docs, 1):
             p = n - 1
             if p >= self.n_docs:
-                raise ValueError(f"shard {self.shard_index}: more than the {self.n_docs} documents "
+                raise UserError(f"shard {self.shard_index}: more than the {self.n_docs} documents "
                                  f"{self.manifest} was computed from (document {doc.id!r})")
             if j < len(pos_) and pos_[j] == p:
                 if xxhash.xxh3_64_intdigest(doc.id.encode("utf-8")) != id_[j]:
-                    raise ValueError(f"shard {self.shard_index} position {p}: document {doc.id!r} is not the "
+                    raise UserError(f"shard {self.shard_index} position {p}: document {doc.id!r} is not the "
                                      f"one write_signatures saw there; feed the shard in the same order")
                 stats.drop(REASONS[reason_[j]], doc.id)
                 j += 1
             else:
                 yield doc
         if n != self.n_docs:
-            raise ValueError(f"shard {self.shard_index}: {n} documents, but {self.manifest} was computed "
+            raise UserError(f"shard {self.shard_index}: {n} documents, but {self.manifest} was computed "
                              f"from {self.n_docs}")
         ex = stats.examples.setdefault("clusters", [])
         for e in self.cluster_examples:
@@ -132,12 +133,12 @@ def dedup_filter(manifest: Path, shard_index: int) -> DedupFilter:
     manifest = Path(manifest)
     m = json.loads(manifest.read_text())
     if m.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{manifest}: format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        raise UserError(f"{manifest}: format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     for s in m["shards"]:
         if s["shard_index"] == shard_index:
             removed = np.load(manifest.parent / s["removed_file"])
             return DedupFilter(manifest, shard_index, s["n_docs"], removed, s["examples"])
-    raise ValueError(f"{manifest}: no shard_index {shard_index} (has {[s['shard_index'] for s in m['shards']]})")
+    raise UserError(f"{manifest}: no shard_index {shard_index} (has {[s['shard_index'] for s in m['shards']]})")
 
 
 def dedup_documents(docs: list[Document], cfg: DedupConfig | None = None) -> tuple[list[Document], StepStats]:

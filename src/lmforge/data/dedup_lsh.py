@@ -57,6 +57,7 @@ from pydantic import Field
 
 from lmforge.config import Strict
 from lmforge.data.base import MAX_EXAMPLES
+from lmforge.errors import UserError
 
 SIG_FORMAT = "lmforge-dedup-signatures/1"
 MANIFEST_FORMAT = "lmforge-dedup/1"
@@ -252,17 +253,17 @@ def _open_shard(path: Path, cfg: DedupConfig) -> _Shard:
     path = Path(path)
     hp = path / "header.json"
     if not hp.is_file():
-        raise ValueError(f"{path}: no header.json; not a finished write_signatures output directory")
+        raise UserError(f"{path}: no header.json; not a finished write_signatures output directory")
     h = json.loads(hp.read_text())
     if h.get("format") != SIG_FORMAT:
-        raise ValueError(f"{hp}: format {h.get('format')!r}, expected {SIG_FORMAT!r}")
+        raise UserError(f"{hp}: format {h.get('format')!r}, expected {SIG_FORMAT!r}")
     for key, want in cfg.signature_keys().items():
         if h.get(key) != want:
-            raise ValueError(f"{hp}: {key}={h.get(key)!r} but the dedup config has {key}={want!r}; "
+            raise UserError(f"{hp}: {key}={h.get(key)!r} but the dedup config has {key}={want!r}; "
                              "rewrite the signatures with the same config")
     for key, what in (("near", "band hashes"), ("url", "URL hashes")):
         if getattr(cfg, key) and not h[key]:
-            raise ValueError(f"{hp}: written with {key}=false, so it has no {what}; the config has {key}=true")
+            raise UserError(f"{hp}: written with {key}=false, so it has no {what}; the config has {key}=true")
     s = _Shard(path, h["shard_index"], h["n_docs"], near=h["near"])
 
     def mm(name, dtype, width=None):
@@ -270,7 +271,7 @@ def _open_shard(path: Path, cfg: DedupConfig) -> _Shard:
         expect = int(np.prod(shape)) * np.dtype(dtype).itemsize
         size = (path / name).stat().st_size
         if size != expect:
-            raise ValueError(f"{path / name}: {size} bytes, expected {expect} for {s.n_docs} documents")
+            raise UserError(f"{path / name}: {size} bytes, expected {expect} for {s.n_docs} documents")
         return np.memmap(path / name, dtype=dtype, mode="r", shape=shape) if expect else np.zeros(shape, dtype)
 
     s.meta = mm("meta.bin", META_DTYPE)
@@ -377,7 +378,7 @@ def _open_shards(sig_dirs: list[Path], cfg: DedupConfig) -> list[_Shard]:
     shards = sorted((_open_shard(p, cfg) for p in sig_dirs), key=lambda s: s.index)
     for a, b in zip(shards, shards[1:]):
         if a.index == b.index:
-            raise ValueError(f"{a.path} and {b.path} both hold shard_index {a.index}")
+            raise UserError(f"{a.path} and {b.path} both hold shard_index {a.index}")
     off = 0
     for s in shards:
         s.offset, off = off, off + s.n_docs
