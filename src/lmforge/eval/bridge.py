@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.errors import UserError
+from lmforge.eval import tasks as T
 from lmforge.eval.lm import EvalModel
 
 
@@ -40,6 +42,16 @@ def lm_eval_model(em: EvalModel):
         def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
             return em.tok.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+        @property
+        def tokenizer_name(self) -> str:
+            return em.tok.name_or_path.replace("/", "__")
+
+        def chat_template(self, chat_template=False) -> str | None:
+            return getattr(em.tok, "chat_template", None) if chat_template else None
+
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            return em.chat(chat_history, add_generation_prompt)
+
         def _loglikelihood_tokens(self, requests, **kwargs):
             return em.loglikelihood([(ctx, cont) for _, ctx, cont in requests])
 
@@ -51,14 +63,15 @@ def lm_eval_model(em: EvalModel):
             groups: dict[tuple, list[int]] = {}
             for i, req in enumerate(requests):
                 kwargs = dict(req.args[1])
-                if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
-                    raise ValueError("lmforge's bridge generates greedily; this task asks for sampling")
                 until = kwargs.get("until") or []
                 until = (until,) if isinstance(until, str) else tuple(until)
-                groups.setdefault((until, int(kwargs.get("max_gen_toks", 256))), []).append(i)
-            for (until, max_gen_toks), idx in groups.items():
-                for i, text in zip(idx, em.generate_until([requests[i].args[0] for i in idx], list(until),
-                                                          max_gen_toks)):
+                sampling = T.sampling(kwargs)
+                key = (until, int(kwargs.get("max_gen_toks", 256)), tuple(sorted((sampling or {}).items())))
+                groups.setdefault(key, []).append(i)
+            for (until, max_gen_toks, sampling), idx in groups.items():
+                texts = em.generate_until([requests[i].args[0] for i in idx], list(until), max_gen_toks,
+                                          sampling=dict(sampling) or None)
+                for i, text in zip(idx, texts):
                     out[i] = text
             return out
 
@@ -67,13 +80,11 @@ def lm_eval_model(em: EvalModel):
 
 def task_names(specs: list[str]) -> tuple[list[str], list[str]]:
     """(lm-eval task names, include paths): a YAML path becomes its `task` name plus its directory."""
-    from lmforge.eval.tasks import read_task_yaml
-
     names, include = [], []
     for spec in specs:
         path = Path(spec)
         if path.suffix in (".yaml", ".yml"):
-            names.append(str(read_task_yaml(path).get("task") or path.stem))
+            names.append(str(T.read_task_yaml(path).get("task") or path.stem))
             if str(path.resolve().parent) not in include:
                 include.append(str(path.resolve().parent))
         else:
@@ -81,27 +92,36 @@ def task_names(specs: list[str]) -> tuple[list[str], list[str]]:
     return names, include
 
 
-def lm_eval_tasks(specs: list[str]):
+def lm_eval_tasks(specs: list[str], include_path: list[Path] | None = None):
     """(task names, lm-eval TaskManager) for names or YAML paths; unknown tasks fail here, before a model loads."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise RuntimeError("--bridge lm-eval needs lm-eval: pip install 'lmforge[eval]'") from None
+        raise UserError("--bridge lm-eval needs lm-eval: pip install 'lmforge[eval]'") from None
     names, include = task_names(specs)
+    include += [str(Path(p).resolve()) for p in include_path or []]
     manager = TaskManager(include_path=include or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"lm-eval does not know task(s) {', '.join(unknown)}")
+        raise UserError(f"lm-eval does not know task(s) {', '.join(unknown)}")
     return names, manager
 
 
 def evaluate_with_lm_eval(em: EvalModel, names: list[str], manager, *, limit: float | None = None,
-                          num_fewshot: int | None = None) -> dict[str, dict]:
-    """Run the tasks through lm-eval's simple_evaluate; {task: {metric: value, ...}} in lmforge's result shape."""
+                          num_fewshot: int | None = None, system_instruction: str | None = None,
+                          apply_chat_template: bool = False, multiturn: bool = False, bootstrap_iters: int = 100_000,
+                          confirm_run_unsafe_code: bool = False, samples: dict | None = None) -> dict[str, dict]:
+    """Run the tasks through lm-eval's simple_evaluate; {task: {metric: value, ...}} in lmforge's result shape
+    (groups included); with `samples`, lm-eval's per-document records go to samples[task]."""
     from lm_eval import simple_evaluate
 
     res = simple_evaluate(model=lm_eval_model(em), tasks=names, num_fewshot=num_fewshot, limit=limit,
-                          task_manager=manager, log_samples=False)
+                          task_manager=manager, log_samples=samples is not None,
+                          system_instruction=system_instruction, apply_chat_template=apply_chat_template,
+                          fewshot_as_multiturn=multiturn, bootstrap_iters=bootstrap_iters,
+                          confirm_run_unsafe_code=confirm_run_unsafe_code)
+    if samples is not None:
+        samples.update(res.get("samples") or {})
     results = {}
     for task, metrics in res["results"].items():
         r = {"n_samples": res.get("n-samples", {}).get(task, {}).get("effective"),

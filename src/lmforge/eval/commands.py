@@ -16,11 +16,31 @@ from lmforge.model.commands import MODEL_HELP
 
 class TasksConfig(Strict):
     model: str = Field(description=MODEL_HELP)
-    tasks: list[str] = Field(description="built-in names (hellaswag, arc_easy, arc_challenge, mmlu, truthfulqa_mc1, "
-                                         "gsm8k, humaneval) or task YAML paths, comma-separated; with "
-                                         "bridge=lm-eval, any lm-eval task")
+    tasks: list[str] = Field(description="built-in names (hellaswag, arc_easy, arc_challenge, mmlu (the group of 57 "
+                                         "mmlu_<subject> tasks), truthfulqa_mc1, gsm8k, humaneval), task or group "
+                                         "YAML paths, or names defined in --include-path, comma-separated; with "
+                                         "bridge=lm-eval, any lm-eval task. A YAML's `!function f.g` runs Python "
+                                         "from f.py beside the YAML: only use task files you trust")
+    include_path: list[Path] = Field(default_factory=list, description="directories of task/group YAMLs whose names "
+                                                                       "--tasks may use (lm-eval's --include_path)")
     limit: int | float | None = Field(None, description="first N documents per task (a fraction when below 1)")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt (None: the task's, else 0)")
+    apply_chat_template: bool = Field(False, description="build each prompt as messages through the model's chat "
+                                                         "template (lm-eval's --apply_chat_template)")
+    fewshot_as_multiturn: bool | None = Field(None, description="with apply_chat_template: few-shot examples as "
+                                                                "user/assistant turns (None: on with the template, "
+                                                                "as lm-eval); --no-fewshot-as-multiturn folds them into "
+                                                                "one user turn")
+    system_instruction: str | None = Field(None, description="text put before the task description (the system "
+                                                             "turn under a chat template)")
+    log_samples: bool = Field(False, description="also write each document's prompt, responses, filtered answer, "
+                                                 "target and metrics to samples_<task>_<out stem>.jsonl beside --out "
+                                                 "(lm-eval's --log_samples)")
+    bootstrap_iters: int = Field(100_000, ge=0, description="resamples for the stderr of median, perplexity, f1 and "
+                                                            "mcc (lm-eval's; 0: no stderr for those)")
+    seed: int = Field(1234, description="seed of sampled generations (tasks with do_sample/temperature, repeats)")
+    confirm_run_unsafe_code: bool = Field(False, description="run tasks that execute model-written code outside "
+                                                             "lmforge's sandbox (lm-eval's unsafe_code tasks)")
     data_dir: Path | None = Field(None, description="local data: DIR/<task>/<split>.jsonl replaces the task's hub "
                                                     "dataset")
     max_length: int | None = Field(None, ge=1, description="context window in tokens (None: the model's positions)")
@@ -31,6 +51,14 @@ class TasksConfig(Strict):
     bridge: Literal["lm-eval"] | None = Field(None, description="run the tasks with lm-eval-harness itself, on the "
                                                                 "model lmforge loaded (needs the `eval` extra)")
     out: Path | None = Field(None, description="write the results (with this config) to this JSON file")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.log_samples and self.out is None:
+            raise ValueError("--log-samples writes beside the results: give --out FILE.json too")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("--fewshot-as-multiturn needs --apply-chat-template")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -122,36 +150,53 @@ class HumanConfig(Strict):
 def run_tasks(cfg: TasksConfig) -> int:
     from lmforge.eval import harness
     from lmforge.eval.lm import EvalModel
-    from lmforge.eval.tasks import TaskError
 
     if cfg.data_dir and not cfg.data_dir.is_dir():
         raise CliError(f"--data-dir {cfg.data_dir}: no such directory")
     _prepare_out(cfg.out)
+    multiturn = cfg.apply_chat_template if cfg.fewshot_as_multiturn is None else cfg.fewshot_as_multiturn
     t0 = time.perf_counter()
-    try:
-        if cfg.bridge == "lm-eval":  # task definitions fail here, before the model loads
-            from lmforge.eval.bridge import evaluate_with_lm_eval, lm_eval_tasks
+    if cfg.bridge == "lm-eval":  # task definitions fail here, before the model loads
+        from lmforge.eval.bridge import evaluate_with_lm_eval, lm_eval_tasks
 
-            names, manager = lm_eval_tasks(cfg.tasks)
+        names, manager = lm_eval_tasks(cfg.tasks, cfg.include_path)
+        items = []
+    else:
+        items = harness.load_tasks(cfg.tasks, cfg.data_dir, cfg.include_path)
+        refused = harness.unsafe(items)
+        if refused and not cfg.confirm_run_unsafe_code:
+            raise CliError(f"task {refused[0]}; pass --confirm-run-unsafe-code to run it anyway (lmforge's "
+                           "sandboxed humaneval needs no flag)")
+    model = EvalModel.load(cfg.model, device=cfg.device, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
+                           dtype=cfg.dtype)
+    samples: dict | None = {} if cfg.log_samples else None
+    try:
+        if cfg.bridge == "lm-eval":
+            results = evaluate_with_lm_eval(model, names, manager, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+                                            system_instruction=cfg.system_instruction,
+                                            apply_chat_template=cfg.apply_chat_template, multiturn=multiturn,
+                                            bootstrap_iters=cfg.bootstrap_iters,
+                                            confirm_run_unsafe_code=cfg.confirm_run_unsafe_code, samples=samples)
         else:
-            tasks = harness.load_tasks(cfg.tasks, cfg.data_dir)
-        model = EvalModel.load(cfg.model, device=cfg.device, max_length=cfg.max_length,
-                               batch_tokens=cfg.batch_tokens, dtype=cfg.dtype)
-        try:
-            if cfg.bridge == "lm-eval":
-                results = evaluate_with_lm_eval(model, names, manager, limit=cfg.limit, num_fewshot=cfg.num_fewshot)
-            else:
-                results = harness.evaluate(model, tasks, limit=cfg.limit, num_fewshot=cfg.num_fewshot)
-        finally:
-            model.close()
-    except TaskError as e:
-        raise CliError(str(e)) from None
+            settings = harness.Settings(cfg.system_instruction, model.chat if cfg.apply_chat_template else None,
+                                        multiturn, cfg.bootstrap_iters, cfg.seed)
+            results = harness.evaluate(model, items, limit=cfg.limit, num_fewshot=cfg.num_fewshot, settings=settings,
+                                       samples=samples)
+    finally:
+        model.close()
     seconds = time.perf_counter() - t0
     print(harness.table(results))
-    print(f"{cfg.model}: {len(results)} task(s) in {seconds:.1f} s")
+    tree = harness.group_tree(items)
+    print(f"{cfg.model}: {len(results) - len(tree)} task(s){f', {len(tree)} group(s)' if tree else ''} in "
+          f"{seconds:.1f} s")
     if cfg.out:
         _write_json(cfg.out, {"model": cfg.model, "dtype": _dtype_name(model.dtype), "results": results,
-                              "config": cfg.model_dump(mode="json"), "seconds": round(seconds, 2)})
+                              "groups": tree, "config": cfg.model_dump(mode="json"),
+                              "seconds": round(seconds, 2)})
+        for task, records in (samples or {}).items():
+            path = cfg.out.parent / f"samples_{task}_{cfg.out.stem}.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+            print(f"wrote {path} ({len(records)} records)")
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.eval.perplexity import rolling_windows
 from lmforge.infer import Generator, InferenceModel, Runner, SamplingParams, load_for_inference
 
@@ -96,9 +97,9 @@ class EvalModel:
         groups: dict[tuple[int, ...], _Group] = {}
         for i, (ctx, cont) in enumerate(requests):
             if not cont:
-                raise ValueError(f"request {i}: the continuation is empty")
+                raise UserError(f"request {i}: the continuation is empty")
             if len(cont) > self.max_length:
-                raise ValueError(f"request {i}: a {len(cont)}-token continuation is longer than the "
+                raise UserError(f"request {i}: a {len(cont)}-token continuation is longer than the "
                                  f"{self.max_length}-token window")
             full = (ctx + cont)[-(self.max_length + 1):]
             key = tuple(full[: len(full) - len(cont)])
@@ -203,19 +204,41 @@ class EvalModel:
         return self.model.get_output_embeddings()(h).float()
 
     # ---- generation --------------------------------------------------------------------------
-    def generate_until(self, contexts: list[str], until: list[str], max_gen_toks: int = 256) -> list[str]:
-        """Greedy continuations of each context, cut before the first stop string or EOS (lm-eval's generate_until).
+    def generate_until(self, contexts: list[str], until: list[str], max_gen_toks: int = 256,
+                       sampling: dict | None = None, n: int = 1, seed: int = 1234) -> list[str]:
+        """Continuations of each context, cut before the first stop string or EOS (lm-eval's generate_until):
+        greedy, or `n` per context sampled with `sampling` (temperature, top_p, top_k), context by context.
 
-        The context keeps its last max_length - max_gen_toks tokens, as lm-eval's `hf` model does."""
+        The context keeps its last max_length - max_gen_toks tokens, as lm-eval's `hf` model does. Context i's
+        samples are seeded with seed + i, so a run repeats exactly."""
         if max_gen_toks >= self.max_length:
-            raise ValueError(f"max_gen_toks {max_gen_toks} must be less than the {self.max_length}-token window")
+            raise UserError(f"max_gen_toks {max_gen_toks} must be less than the {self.max_length}-token window")
         keep = self.max_length - max_gen_toks
         prompts = [self.encode(c)[-keep:] for c in contexts]
         if self._generator is None:  # one request per row on transformers' path, as lm-eval's `hf` runs them
             self._generator = Generator(self.m, max_batch=32, max_model_len=self.max_length,
                                         max_prefill_tokens=4096, fallback_batch=1)
-        params = SamplingParams(max_tokens=max_gen_toks, temperature=0.0, stop=[u for u in until if u])
+        stop = [u for u in until if u]
+        if sampling is None:
+            params = SamplingParams(max_tokens=max_gen_toks, temperature=0.0, stop=stop)
+            return [c.text for c in self._generator.generate(prompts, params) for _ in range(n)]
+        params = [SamplingParams(max_tokens=max_gen_toks, n=n, seed=seed + i, stop=stop, **sampling)
+                  for i in range(len(prompts))]
         return [c.text for c in self._generator.generate(prompts, params)]
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The messages through the tokenizer's chat template (lm-eval's HFLM.apply_chat_template): a generation
+        prompt, or the last assistant turn left open; a template that refuses a system turn gets none."""
+        import jinja2
+
+        if not getattr(self.tok, "chat_template", None):
+            raise UserError("the model's tokenizer has no chat template (drop --apply-chat-template)")
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=not add_generation_prompt)
+        try:
+            return self.tok.apply_chat_template(messages, **kwargs)
+        except jinja2.exceptions.TemplateError:
+            return self.tok.apply_chat_template([m for m in messages if m["role"] != "system"], **kwargs)
 
     def close(self) -> None:
         """Stop the generation engine thread, if one started."""

@@ -13,15 +13,16 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-import math
+import inspect
 import random
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from lmforge.errors import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
@@ -29,11 +30,12 @@ OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikeli
 DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"],
                    "loglikelihood": ["perplexity", "acc"],
                    "loglikelihood_rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"]}
-SUPPORTED_METRICS = {"multiple_choice": {"acc", "acc_norm", "acc_bytes", "exact_match", "acc_mutual_info"},
+SUPPORTED_METRICS = {"multiple_choice": {"acc", "acc_norm", "acc_bytes", "exact_match", "acc_mutual_info", "f1", "mcc"},
                      "loglikelihood": {"perplexity", "acc"},
                      "loglikelihood_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
                      "generate_until": {"exact_match"}}
 # Keys that only label a task or feed lm-eval features we do not need (decontamination); accepted as-is.
+# (`unsafe_code` is read by `unsafe_reason`.)
 INERT_KEYS = {"task_alias", "tag", "group", "metadata", "should_decontaminate", "doc_to_decontamination_query",
               "unsafe_code"}
 KEYS = {"task", "dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split", "test_split",
@@ -42,7 +44,7 @@ KEYS = {"task", "dataset_path", "dataset_name", "dataset_kwargs", "training_spli
         "output_type", "generation_kwargs", "repeats", "filter_list", "gen_prefix"} | INERT_KEYS
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task definition or its data cannot be used; the message names the task and the problem."""
 
 
@@ -61,8 +63,11 @@ def _import_function(ref: str, base: Path) -> Callable:
     return getattr(module, fn)
 
 
-def read_task_yaml(path: Path) -> dict:
-    """A task YAML as a dict: `!function` tags resolved beside the file, `include` merged underneath."""
+def read_task_yaml(path: Path, functions: bool = True) -> dict:
+    """A task YAML as a dict: `!function` tags resolved beside the file, `include` merged underneath.
+
+    functions=False leaves each `!function` as the string `!function REF` and imports nothing (the task index
+    reads every YAML in a directory this way, so no file's code runs unless its task is evaluated)."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: no such task file")
@@ -70,8 +75,11 @@ def read_task_yaml(path: Path) -> dict:
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_constructor("!function",
-                           lambda loader, node: _import_function(loader.construct_scalar(node), path.parent))
+    if functions:
+        Loader.add_constructor("!function",
+                               lambda loader, node: _import_function(loader.construct_scalar(node), path.parent))
+    else:
+        Loader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
     try:
         cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader) or {}
     except yaml.YAMLError as e:
@@ -79,7 +87,7 @@ def read_task_yaml(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise TaskError(f"{path}: a task file must be a mapping")
     if "include" in cfg:
-        base = read_task_yaml(path.parent / cfg.pop("include"))
+        base = read_task_yaml(path.parent / cfg.pop("include"), functions)
         cfg = {**base, **cfg}
     return cfg
 
@@ -93,6 +101,7 @@ class Task:
     cfg: dict
     docs: list[dict] = field(default_factory=list)
     fewshot_pool: list[dict] | None = None
+    multiple_input: bool = False  # doc_to_text gives the gold index and doc_to_choice the contexts (Winogrande)
 
     def get(self, key: str, default=None):
         value = self.cfg.get(key)
@@ -135,35 +144,80 @@ def builtin_names() -> list[str]:
 
 
 def load_task(spec: str, data_dir: Path | None = None) -> Task:
-    """Read and check a task definition, then load its documents (local files first, the hub when online)."""
+    """Read and check one task definition (a built-in name or a YAML path), then load its documents."""
     path = resolve(spec)
     cfg = read_task_yaml(path)
     if isinstance(cfg.get("task"), list) or "group" in cfg and "task" not in cfg:
-        raise TaskError(f"{path}: a group of tasks; pass its tasks to --tasks (or run it with --bridge lm-eval)")
-    name = str(cfg.get("task") or path.stem)
+        raise TaskError(f"{path}: a group of tasks, not one task (`eval tasks` runs groups)")
+    return make_task(cfg, path, data_dir)
+
+
+AGGREGATIONS = ("mean", "median", "perplexity", "weighted_perplexity", "bits_per_byte", "f1", "matthews_corrcoef")
+
+
+def make_task(cfg: dict, source: Path, data_dir: Path | None = None) -> Task:
+    """A Task from its (already read) configuration: keys, output type, metrics and sampler checked, docs loaded."""
+    name = str(cfg.get("task") or source.stem)
     unknown = sorted(set(cfg) - KEYS)
     if unknown:
-        raise TaskError(f"task {name}: unsupported key(s) {', '.join(unknown)} ({path})")
-    task = Task(name, path, cfg)
+        raise TaskError(f"task {name}: unsupported key(s) {', '.join(unknown)} ({source})")
+    task = Task(name, source, cfg)
     if task.output_type not in OUTPUT_TYPES:
         raise TaskError(f"task {name}: output_type {task.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
     for entry in task.metrics():
         metric = entry.get("metric")
+        if isinstance(metric, str) and metric.startswith("!function"):
+            raise TaskError(f"task {name}: metric {metric} was not imported")
         if not callable(metric) and metric not in SUPPORTED_METRICS[task.output_type]:
             raise TaskError(f"task {name}: metric {metric!r} is not supported for {task.output_type} "
                             f"(supported: {', '.join(sorted(SUPPORTED_METRICS[task.output_type]))}, or !function)")
-        if entry.get("aggregation", "mean") not in ("mean", "perplexity", "weighted_perplexity", "bits_per_byte"):
-            raise TaskError(f"task {name}: aggregation {entry['aggregation']!r} is not supported")
-    if int(task.get("repeats", 1)) != 1:
-        raise TaskError(f"task {name}: repeats > 1 needs sampling, and lmforge evaluates greedily")
-    gen = task.get("generation_kwargs", {})
-    if gen.get("do_sample") or float(gen.get("temperature", 0) or 0) > 0:
-        raise TaskError(f"task {name}: sampling (do_sample/temperature) is not supported; generation is greedy")
+        if entry.get("aggregation", "mean") not in AGGREGATIONS:
+            raise TaskError(f"task {name}: aggregation {entry['aggregation']!r} is not supported "
+                            f"({', '.join(AGGREGATIONS)})")
+    repeats = task.get("repeats", 1)
+    if not isinstance(repeats, int) or repeats < 1:
+        raise TaskError(f"task {name}: repeats must be a positive integer, got {repeats!r}")
+    if repeats > 1 and task.output_type != "generate_until":
+        raise TaskError(f"task {name}: repeats > 1 only means something for generate_until (sampled answers)")
     fs = task.fewshot_cfg
     if fs.get("sampler", "default") not in ("default", "first_n"):
         raise TaskError(f"task {name}: fewshot sampler {fs['sampler']!r} is not supported (default, first_n)")
     _load_docs(task, data_dir)
+    if task.docs and task.cfg.get("doc_to_choice") is not None:
+        task.multiple_input = isinstance(doc_to_text(task, task.docs[0]), int)
     return task
+
+
+def sampling(gen: dict) -> dict | None:
+    """Sampling settings (temperature, top_p, top_k) of generation_kwargs, or None for greedy decoding.
+
+    As transformers' generate under lm-eval's `hf`: do_sample decides; without it, a positive temperature samples."""
+    temperature = float(gen.get("temperature", 0) or 0)
+    do_sample = gen.get("do_sample")
+    if do_sample is False or (do_sample is None and temperature <= 0):
+        return None
+    return {"temperature": temperature if temperature > 0 else 1.0, "top_p": float(gen.get("top_p", 1.0) or 1.0),
+            "top_k": int(gen.get("top_k", 0) or 0)}
+
+
+def unsafe_reason(task: Task) -> str | None:
+    """Why running `task` executes model-written code outside lmforge's sandbox, or None when it does not.
+
+    lm-eval marks such tasks `unsafe_code: true` (HumanEval with HF evaluate's code_eval runs the model's programs
+    in-process); lmforge's own sandboxed metrics (`lmforge.eval.sandbox`, the built-in humaneval) are safe."""
+    metrics = [e["metric"] for e in task.metrics() if callable(e["metric"])]
+    foreign = [m for m in metrics if not getattr(m, "lmforge_sandboxed", False)]
+    if task.cfg.get("unsafe_code") and (foreign or not metrics):
+        what = ", ".join(getattr(m, "__name__", str(m)) for m in foreign) or "its process_results"
+        return f"it is marked unsafe_code and its metric ({what}) runs model output outside lmforge's sandbox"
+    for m in foreign:
+        try:
+            source = Path(inspect.getsourcefile(m) or "").read_text(encoding="utf-8")
+        except (OSError, TypeError):
+            continue
+        if "code_eval" in source:
+            return f"its metric {m.__name__} calls a code-execution metric (code_eval)"
+    return None
 
 
 def _local_split(name: str, split: str, data_dir: Path | None) -> Path | None:
@@ -329,22 +383,49 @@ def _maybe_delimit(prefix: str | None, suffix: str | None, delimiter: str = " ")
     return prefix + suffix if prefix[-1].isspace() or suffix[0].isspace() else prefix + delimiter + suffix
 
 
-def _qa_turn(q: str, choices, answer, gen_prefix: str | None, tgt_delim: str, few_delim: str) -> str:
-    """One question and (for a shot) its answer as plain text: lm-eval's build_qa_turn + Message.to_text."""
+@dataclass
+class Message:
+    """One turn of a prompt; `delim` follows it when the prompt is plain text (lm-eval's api.utils.Message)."""
+    role: str
+    content: str
+    delim: str = ""
+
+
+def _qa_turn(q, choices, answer, gen_prefix: str | None, tgt_delim: str, few_delim: str) -> list[Message]:
+    """A question and (for a shot) its answer as user/assistant turns: lm-eval's build_qa_turn."""
     if not isinstance(q, str):
-        raise TaskError(f"the prompt is not text: {q!r} (multiple-input tasks are not supported)")
+        raise TaskError(f"the prompt is not text: {q!r}")
     has_answer = answer is not None and answer != ""
     needs = bool(gen_prefix) and q != "" and not (q[-1].isspace() or gen_prefix[0].isspace())
-    text = q + (tgt_delim if (has_answer and not gen_prefix) or needs else "")
+    turns = [Message("user", q, tgt_delim if (has_answer and not gen_prefix) or needs else "")]
     if has_answer:
         a = choices[answer] if choices and isinstance(answer, int) else answer[0] if isinstance(answer, list) \
             else answer
         if not isinstance(a, str):
             raise TaskError(f"the answer of a few-shot example is not text: {a!r}")
-        text += _maybe_delimit(gen_prefix, a, " ") + few_delim
+        turns.append(Message("assistant", _maybe_delimit(gen_prefix, a, " "), few_delim))
     elif gen_prefix:
-        text += gen_prefix
-    return text
+        turns.append(Message("assistant", gen_prefix))
+    return turns
+
+
+def _single_turn(messages: list[Message]) -> list[dict]:
+    """Every turn after the system prompt folded into one user message (lm-eval's multiturn_to_singleturn);
+    a trailing assistant turn (the gen_prefix) stays, for the model to continue."""
+    system, rest = (messages[0], messages[1:]) if messages[0].role == "system" else (None, messages)
+    tail = [rest[-1]] if rest[-1].role == "assistant" else []
+    body = rest[:-1] if tail else rest
+    text = "".join(m.content + m.delim for m in body[:-1]) + body[-1].content
+    out = [{"role": "user", "content": text}] + [{"role": m.role, "content": m.content} for m in tail]
+    return ([{"role": "system", "content": system.content}] if system else []) + out
+
+
+def _render(messages: list[Message], chat: Callable | None, multiturn: bool, gen_prefix: str | None) -> str:
+    """The prompt text: plain (each turn plus its delimiter) or through the model's chat template."""
+    if chat is None:
+        return "".join(m.content + m.delim for m in messages)
+    turns = [{"role": m.role, "content": m.content} for m in messages] if multiturn else _single_turn(messages)
+    return chat(turns, add_generation_prompt=not gen_prefix)
 
 
 class FewshotSampler:
@@ -377,18 +458,39 @@ class FewshotSampler:
         return res
 
 
-def context(task: Task, doc: dict, shots: list[dict]) -> str:
-    """The prompt for `doc`: description, the few-shot examples with their answers, then the question."""
+def context(task: Task, doc: dict, shots: list[dict], system_instruction: str | None = None,
+            chat: Callable | None = None, multiturn: bool = False):
+    """The prompt for `doc` (one per choice for a multiple-input task): the system instruction and description,
+    the few-shot examples with their answers, then the question; through `chat` (the model's chat template,
+    called as chat(messages, add_generation_prompt=...)) when given, as lm-eval's fewshot_context builds it."""
     fs = task.fewshot_cfg
-    text = resolve_field(doc, task.get("description", "")) or ""
+    description = resolve_field(doc, task.get("description", "")) or ""
+    system = _maybe_delimit(system_instruction, description, task.get("fewshot_delimiter", "\n\n"))
+    messages = [Message("system", system)] if system else []
     for shot in shots:
         choices = doc_to_choice(task, shot, fs.get("doc_to_choice")) if fs.get("doc_to_choice") else None
         q = doc_to_text(task, shot, fs.get("doc_to_text"))
         a = doc_to_target(task, shot, fs.get("doc_to_target"))
-        text += _qa_turn(q, choices, a, resolve_field(shot, fs.get("gen_prefix")), fs["target_delimiter"],
-                         fs["fewshot_delimiter"])
+        if task.multiple_input:  # the shot's question is the context its gold index picks; the answer follows it
+            q, choices = choices[q], None
+        messages += _qa_turn(q, choices, a, resolve_field(shot, fs.get("gen_prefix")), fs["target_delimiter"],
+                             fs["fewshot_delimiter"])
     gen_prefix = resolve_field(doc, task.cfg.get("gen_prefix"))
-    return text + _qa_turn(doc_to_text(task, doc), None, None, gen_prefix, task.get("target_delimiter", " "), "")
+    if task.multiple_input:
+        return [_render(messages + _qa_turn(c, None, None, gen_prefix, "", ""), chat, multiturn, gen_prefix)
+                for c in doc_to_choice(task, doc)]
+    messages += _qa_turn(doc_to_text(task, doc), None, None, gen_prefix, task.get("target_delimiter", " "), "")
+    return _render(messages, chat, multiturn, gen_prefix)
+
+
+def continuation_delimiter(task: Task, chat: bool) -> str:
+    """What goes between a multiple-choice context and each choice: the target delimiter, except under a chat
+    template, where the generation prompt already ends the context (unless a gen_prefix without trailing space)."""
+    delim = task.get("target_delimiter", " ")
+    if not chat:
+        return delim
+    prefix = task.cfg.get("gen_prefix")
+    return delim if prefix and not prefix[-1].isspace() else ""
 
 
 # ---- filters and metrics -----------------------------------------------------------------------
@@ -437,29 +539,6 @@ def build_filter(task: Task, steps: list[dict]) -> Callable:
         return resps
 
     return run
-
-
-def exact_match(prediction: str, reference: str, regexes_to_ignore=None, ignore_case: bool = False,
-                ignore_punctuation: bool = False, ignore_numbers: bool = False) -> float:
-    """lm-eval's exact_match (HF evaluate's): strip the regexes, optionally case, punctuation and digits."""
-    for rx in regexes_to_ignore or []:
-        prediction, reference = re.sub(rx, "", prediction), re.sub(rx, "", reference)
-    if ignore_case:
-        prediction, reference = prediction.lower(), reference.lower()
-    for on, chars in ((ignore_punctuation, string.punctuation), (ignore_numbers, string.digits)):
-        if on:
-            table = str.maketrans("", "", chars)
-            prediction, reference = prediction.translate(table), reference.translate(table)
-    return float(prediction == reference)
-
-
-def mean_stderr(values: list[float]) -> float | None:
-    """Standard error of the mean with the sample standard deviation (lm-eval's mean_stderr)."""
-    n = len(values)
-    if n < 2:
-        return None
-    mu = sum(values) / n
-    return math.sqrt(sum((x - mu) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
 
 
 def metric_kwargs(entry: dict) -> dict[str, Any]:

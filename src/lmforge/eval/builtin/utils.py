@@ -48,3 +48,6 @@ def pass_at_k(references, predictions, k=None):
         per = [estimate(len(c), p, kk) for c, p in zip(predictions, passed) if len(c) >= kk]
         scores[f"pass@{kk}"] = sum(per) / len(per) if per else 0.0
     return scores
+
+
+pass_at_k.lmforge_sandboxed = True  # `eval tasks` runs it without --confirm-run-unsafe-code (see tasks.unsafe_reason)
