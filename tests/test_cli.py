@@ -99,7 +99,7 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
     for argv, message in [(["nosuch"], "unknown command 'nosuch'"), (["eval"], "choose one of tasks, compare"),
                           (["eval", "nosuch"], "unknown subcommand 'nosuch'"),
                           (["eval", "tasks", "m", str(ROOT / "configs/eval/gsm8k-local.yaml")],
-                           "defines an lm-eval task, not an `eval tasks` config")]:
+                           "defines an lm-eval task or group, not an `eval tasks` config")]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)

@@ -64,8 +64,9 @@ class TasksConfig(Strict):
     @classmethod
     def _not_a_task_file(cls, data):
         """An lm-eval task YAML given where the command's config goes: say where it belongs."""
-        if isinstance(data, dict) and ("task" in data or "dataset_path" in data) and "tasks" not in data:
-            raise ValueError("this YAML defines an lm-eval task, not an `eval tasks` config: give it as "
+        if isinstance(data, dict) and ("task" in data or "dataset_path" in data or "group" in data) \
+                and "tasks" not in data:
+            raise ValueError("this YAML defines an lm-eval task or group, not an `eval tasks` config: give it as "
                              "tasks=FILE (or --tasks FILE)")
         return data
 
