@@ -137,8 +137,12 @@ def test_gopher_bullet_and_ellipsis_lines():
     w = words3(60)
     lines = [" ".join(w[i:i + 6]) for i in range(0, 60, 6)]  # 10 lines
     assert reject("gopher_quality", "\n".join(["- " + s for s in lines[:9]] + lines[9:])) is None  # 0.9
-    assert reject("gopher_quality", "\n".join("  • " + s for s in lines)) == "gopher_too_many_bullets"
-    assert reject("gopher_quality", "\n".join("* " + s for s in lines)) == "gopher_too_many_bullets"
+    # "•" is a one-character word (datatrove's punctuation does not hold it): the mean-length rule is off here
+    assert reject("gopher_quality", "\n".join("  • " + s for s in lines), min_avg_word_length=None) == \
+        "gopher_too_many_bullets"
+    assert reject("gopher_quality", "\n".join("* " + s for s in lines)) is None  # datatrove's bullets: • and - only
+    assert reject("gopher_quality", "\n".join("* " + s for s in lines), bullets=["•", "-", "*"]) == \
+        "gopher_too_many_bullets"
     assert reject("gopher_quality", "\n".join([s + "..." for s in lines[:3]] + lines[3:])) is None  # 0.3
     assert reject("gopher_quality", "\n".join([s + " …" for s in lines[:4]] + lines[4:])) == \
         "gopher_too_many_end_ellipsis"
@@ -149,6 +153,19 @@ def test_gopher_alphabetic_words_ratio():
     numbers = [str(100 + i) for i in range(20)]
     assert reject("gopher_quality", " ".join(w + numbers)) is None  # 80 / 100
     assert reject("gopher_quality", " ".join(w[:-1] + numbers + ["999"])) == "gopher_below_alpha_threshold"
+
+
+def test_gopher_symbols_are_datatroves_punctuation_and_alpha_is_isalpha():
+    """A token of datatrove's punctuation is a symbol; "©", "€" or "½" are words, and "½" holds no letter."""
+    w = words3(50)
+    assert reject("gopher_quality", " ".join(w[:-1] + ["—", "…", "«", "»"] * 10)) == "gopher_short_doc"  # 49 words
+    with_c = " ".join(w[:-1] + ["©"])  # 50 words: "©" is one, of 1 character: mean 148 / 50 = 2.96
+    assert reject("gopher_quality", with_c) == "gopher_below_avg_threshold"
+    assert reject("gopher_quality", with_c, min_avg_word_length=2.96) is None
+    numerals = ["½", "¾", "²", "Ⅷ"] * 6  # alphanumeric (re's \w) but not letters (str.isalpha)
+    assert reject("gopher_quality", " ".join(words3(80) + numerals[:20]), min_avg_word_length=None) is None  # 0.8
+    assert reject("gopher_quality", " ".join(words3(79) + numerals[:21]), min_avg_word_length=None) == \
+        "gopher_below_alpha_threshold"
 
 
 def test_gopher_stop_words_are_distinct_and_case_sensitive():
@@ -246,6 +263,8 @@ def test_gopher_repetition_defaults_drop_repeated_text():
     assert reject("gopher_repetition", "\n".join([line] * 5)) == "gopher_dup_line_frac"  # 4 of 5 lines
     assert reject("gopher_repetition", "\n\n".join([PROSE, PROSE])) == "gopher_dup_para_frac"  # 1 of 2
     assert reject("gopher_repetition", "") == "gopher_empty_doc"
+    assert reject("gopher_repetition", "  ") is None  # only "" is empty; whitespace goes through the rules, as in
+    assert reject("gopher_repetition", "\n\n") == "gopher_dup_line_frac"  # datatrove: two empty "lines", one repeated
 
 
 # ------------------------------------------------------------------ fineweb
@@ -260,6 +279,8 @@ def test_fineweb_line_punctuation_ratio():
     assert reject("fineweb", "\n".join(ok)) is None
     assert reject("fineweb", "\n".join([s + "." for s in lines[:2]] + lines[2:])) == "fineweb_line_punct_ratio"
     assert reject("fineweb", "\n".join([s + "。" for s in lines[:3]] + lines[3:])) is None  # any script's terminal
+    assert reject("fineweb", "\n".join([s + "៖" for s in lines[:3]] + lines[3:])) is None  # datatrove's Khmer signs
+    assert reject("fineweb", "\n".join([s + "︕" for s in lines[:3]] + lines[3:])) == "fineweb_line_punct_ratio"
     assert reject("fineweb", "\n".join(lines), line_punct_exclude_zero=True) is None
     assert reject("fineweb", "\n\n".join(ok)) is None  # empty lines do not count
 
@@ -316,6 +337,26 @@ def test_c4_removes_bad_lines_and_keeps_the_rest():
                                      c4_line_javascript=1, c4_line_policy=1, c4_line_too_long_word=1,
                                      c4_line_kept=5)
     assert not stats.drops
+
+
+@pytest.mark.parametrize("line, n", [
+    ("One. Two! Three? Four.", 4),
+    ("Mr. Smith met Dr. Jones at St. Mary's on Jan. 3 at 5 p.m. today.", 1),  # abbreviations end no sentence
+    ("Use tools, e.g. hammers (i.e. the usual ones), and so on.", 1),
+    ("The U.S. economy grew. The C.E.O. said no. It hit 350°F. It did.", 4),  # initials end none, °F. does
+    ("It was 60F. Then 70F. Done.", 1),  # one capital after a digit: no mark
+    ("NASA. Then what? Wait... it ended.. Fine.", 3),  # two capitals do; dot runs do not
+    ("He said \"no.\" Then left. (See below.) Done.", 4),  # closing quotes and brackets ride with the mark
+    ("It ended.[2] Then more.", 1),  # "." inside a chunk is no mark
+    ("Prices rose 5%. Costs fell 3.5 points!!! Why?!", 3),
+    ("Output 'positive' or 'negative'", 1), ("No terminal at all", 1), ("Trailing marks . . .", 1),
+    ("何が起きた。次に行く。", 1), ("Hello. ", 1), (". Do you know?", 2),
+])
+def test_c4_counts_sentences_as_spacys_sentencizer(line, n):
+    """The counts datatrove's C4 gets from spaCy (checked against it in test_filters_datatrove.py)."""
+    from lmforge.data.filters.c4 import count_sentences
+
+    assert count_sentences(line) == n
 
 
 def test_c4_document_rules_and_sentence_minimum():

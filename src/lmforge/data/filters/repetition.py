@@ -9,6 +9,8 @@
   and the walk moves one word. Over the document's characters.
 
 Words are `text.TOKEN_RE` tokens (punctuation marks included, like datatrove's word tokenizers).
+One difference from datatrove stays, on purpose: n-grams are compared word by word, where datatrove
+keys a duplicated n-gram by its words joined without spaces (so "ab c" repeats "a bc" there).
 
 Speed: n-grams are tuples built by `zip` (C), n-gram lengths come from prefix sums, the top
 n-gram from a `Counter`, and the left-to-right walk runs only when some 5-gram repeats at all —
@@ -110,7 +112,7 @@ def make_gopher_repetition(cfg: GopherRepetitionConfig) -> Reject:
     def reject(doc: Document) -> str | None:
         text = doc.text
         n_chars = len(text)
-        if not text.strip():
+        if not text:  # only "": whitespace goes through the rules, as in datatrove ("\n\n" repeats a line)
             return "gopher_empty_doc"
         if para_frac is not None or para_char is not None:
             paras = split_para(text.strip())

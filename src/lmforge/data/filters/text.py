@@ -8,7 +8,9 @@ spaCy keeps in larger pieces (`Decimal('1` is one spaCy token, four here).
 """
 from __future__ import annotations
 
+import functools
 import re
+import sys
 
 _CLITIC = r"(?:s|re|ve|ll|d|m|t|S|RE|VE|LL|D|M|T)"
 # A word, split the way spaCy's English tokenizer splits prose: letters and digits, joined across
@@ -24,11 +26,6 @@ _PUNCT = r"\.\.\.|--+|\S"  # an ellipsis, a dash run, or any other single non-sp
 WORD_RE = re.compile(_WORD)
 # Every token: a word or a punctuation token.
 TOKEN_RE = re.compile(rf"{_WORD}|{_PUNCT}")
-# The same tokens, but a punctuation token comes back as "" (findall returns the group): one pass
-# gives both the token count and, through filter(None, ...), the words.
-TOKEN_OR_EMPTY_RE = re.compile(rf"({_WORD})|{_PUNCT}")
-# One alphabetic character (a word character that is neither a digit nor '_').
-ALPHA_RE = re.compile(r"[^\W\d_]")
 NON_LETTERS_RE = re.compile(r"[\W\d_]+")
 # Characters with Unicode's Sentence_Terminal property (. ! ? 。 । ؟ ...), as regex's
 # \p{Sentence_Terminal} lists them: what ends a sentence in any script.
@@ -49,6 +46,26 @@ SENTENCE_TERMINALS = frozenset(
     "\U00011f43\U00011f44\U00016a6e\U00016a6f\U00016af5\U00016b37\U00016b38\U00016b44\U00016d6e"
     "\U00016d6f\U00016e98\U0001bc9f\U0001da88"
 )
+# datatrove 0.10's TERMINAL_PUNCTUATION, the line ends FineWeb's filter accepts: an older Unicode's
+# Sentence_Terminal (without the 16 terminals newer Unicode added, in Balinese, Coptic, Tulu-Tigalari,
+# Kirat Rai, and the vertical forms ︒ ︕ ︖) plus three Khmer signs.
+DATATROVE_TERMINALS = (SENTENCE_TERMINALS | frozenset("\u17d6\u17d9\u17da")) - frozenset(
+    "\u1b4e\u1b4f\u1b7f\u2024\u2cf9\u2cfa\u2cfb\u2e60\u2e61\ufe12\ufe15\ufe16"
+    "\U000113d4\U000113d5\U00016d6e\U00016d6f")
+# datatrove 0.10's PUNCTUATION_SET (its PUNCTUATION string, the C0/C1 control characters and the terminals
+# above): a token made only of these is a "symbol" for the Gopher quality rules; any other token is a word
+# ("©", "€", "•" and emoji are words there, as in datatrove).
+DATATROVE_PUNCTUATION = frozenset(
+    "!/\u2014\u201d:\uff05\uff11\u3008&(\u3001\u2501\\\u3010#%\u300c\u300d\uff0c\u3011\uff1b+^]~\u201c\u300a"
+    "\u201e';\u2019{|\u2236\xb4[=-`*\uff0e\uff08\u2013\uff1f\uff01\uff1a$\uff5e\xab\u3009,><\u300b)?\uff09\u3002"
+    "\u2026@_.\"}\u25ba\xbb"
+) | frozenset(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)])) | DATATROVE_TERMINALS
+# The same tokens as TOKEN_RE, but a symbol token (only DATATROVE_PUNCTUATION characters) comes back as
+# "" (findall returns the group): one pass gives both the token count and, through filter(None, ...), the
+# Gopher rules' "non-symbol words". The one word character among those symbols, the fullwidth digit "１",
+# still makes a word here: a token of nothing but "１" and joiners is datatrove's symbol, checked apart.
+_SYMBOLS = "".join(sorted(DATATROVE_PUNCTUATION))
+TOKEN_OR_EMPTY_RE = re.compile(rf"({_WORD}|[^\s{re.escape(_SYMBOLS)}])|{_PUNCT}")
 PARAGRAPH_SPLIT_RE = re.compile(r"\n{2,}")
 LINE_SPLIT_RE = re.compile(r"\n+")
 
@@ -73,6 +90,17 @@ def find_duplicates(items: list[str]) -> tuple[int, int]:
     if len(distinct) == len(items):
         return 0, 0
     return len(items) - len(distinct), sum(map(len, items)) - sum(map(len, distinct))
+
+
+@functools.cache
+def alpha_re() -> re.Pattern:
+    """One character for which str.isalpha() is true.
+
+    `[^\\W\\d_]` also takes the ~1,100 numerals that are alphanumeric but not letters (² ½ Ⅷ); they are
+    listed from this Python's own Unicode tables once per process (~0.1 s), so the two always agree."""
+    numerals = "".join(c for c in map(chr, range(sys.maxunicode + 1))
+                       if c.isalnum() and not c.isalpha() and not c.isdecimal())
+    return re.compile(rf"[^\W\d_{re.escape(numerals)}]")
 
 
 def letter_count(text: str) -> int:
