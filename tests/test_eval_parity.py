@@ -124,13 +124,31 @@ def test_5shot_mmlu_group_and_winogrande_equal_lm_eval_hf(tmp_path, chat_tiny, c
                 assert a["arguments"]["gen_args_0"]["arg_0"].startswith(f"<|im_start|>system\n{SYSTEM}")
 
 
-def lm_eval_prompts(path: Path, shots: int, **options) -> list:
-    """lm-eval's requests for a task YAML: (context, continuation) per choice, or the generation context."""
+@pytest.fixture(scope="module")
+def prompt_tasks(tmp_path_factory):
+    """One directory with local 5-shot MMLU subjects, Winogrande and GSM8K task YAMLs, and lm-eval's TaskManager
+    over it (indexing lm-eval's own tasks takes seconds: once per module)."""
     require("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    loaded = TaskManager(include_path=str(path.parent)).load([T.read_task_yaml(path, functions=False)["task"]])
-    theirs = next(iter(loaded["tasks"].values()))
+    d = tmp_path_factory.mktemp("prompt-tasks")
+    mmlu_local(d)
+    for f in (WINO, WINO.parent / "preprocess.py"):
+        (d / f.name).write_text(f.read_text())
+    rows = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many?", "answer": f"#### {2 * i + 2}"}
+            for i in range(12)]
+    for split, part in (("train", rows[:8]), ("test", rows[8:])):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (d / "gsm8k_local.yaml").write_text(json.dumps({
+        "include": str(T.BUILTIN_DIR / "gsm8k.yaml"), "task": "gsm8k_local", "dataset_path": "json",
+        "dataset_name": None, "dataset_kwargs": {"data_files": {"train": str(d / "train.jsonl"),
+                                                                "test": str(d / "test.jsonl")}}}))
+    return d, TaskManager(include_path=str(d))
+
+
+def lm_eval_prompts(manager, name: str, shots: int, **options) -> list:
+    """lm-eval's requests for a task: (context, continuation) per choice, or the generation context."""
+    theirs = next(iter(manager.load([name])["tasks"].values()))
     theirs.set_fewshot_seed(seed=T.FEWSHOT_SEED)
     theirs.set_config(key="num_fewshot", value=shots)
     theirs.build_all_requests(limit=len(theirs.eval_docs), rank=0, world_size=1, **options)
@@ -154,8 +172,8 @@ def our_prompts(task: T.Task, shots: int, settings: harness.Settings) -> list:
 
 @pytest.mark.parametrize("chat,multiturn,system", [(False, False, None), (False, False, SYSTEM),
                                                    (True, True, None), (True, False, SYSTEM), (True, True, SYSTEM)])
-@pytest.mark.parametrize("which", ["mmlu", "wino", "gsm8k"])
-def test_prompts_equal_lm_evals_under_every_template_option(tmp_path, chat_tiny, chat, multiturn, system, which):
+@pytest.mark.parametrize("name", ["local_mmlu_anatomy", "wino_local", "gsm8k_local"])
+def test_prompts_equal_lm_evals_under_every_template_option(prompt_tasks, chat_tiny, chat, multiturn, system, name):
     """--apply-chat-template, --fewshot-as-multiturn and --system-instruction build lm-eval's prompts: 5-shot
     MMLU (description in the system turn), Winogrande (one context per choice) and GSM8K (generation)."""
     from transformers import AutoTokenizer
@@ -166,25 +184,12 @@ def test_prompts_equal_lm_evals_under_every_template_option(tmp_path, chat_tiny,
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                        continue_final_message=not add_generation_prompt)
 
-    if which == "mmlu":
-        path = mmlu_local(tmp_path / "tasks").parent / "local_mmlu_anatomy.yaml"
-    elif which == "wino":
-        path = WINO
-    else:
-        rows = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many?", "answer": f"#### {2 * i + 2}"}
-                for i in range(12)]
-        for split, part in (("train", rows[:8]), ("test", rows[8:])):
-            (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-        path = tmp_path / "tasks" / "gsm8k_local.yaml"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({"include": str(T.BUILTIN_DIR / "gsm8k.yaml"), "task": "gsm8k_local",
-                                    "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {
-                                        "train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}}}))
+    d, manager = prompt_tasks
     cwd = os.getcwd()
     os.chdir(ROOT)  # the Winogrande YAML's data paths are relative to the repository root, as for lm-eval
     try:
-        ours = G.load([str(path)])[0]
-        want = lm_eval_prompts(path, 5, system_instruction=system, apply_chat_template=chat,
+        ours = G.load([str(d / f"{name}.yaml")])[0]
+        want = lm_eval_prompts(manager, name, 5, system_instruction=system, apply_chat_template=chat,
                                fewshot_as_multiturn=multiturn, chat_template=template if chat else None)
     finally:
         os.chdir(cwd)
