@@ -459,15 +459,15 @@ def test_password_guards_every_page_but_health(tmp_path):
 
 
 def test_secret_on_the_command_line_is_warned_about(monkeypatch, capsys):
-    from lmforge.eval.human.app import warn_if_on_command_line
+    from lmforge.command import warn_if_on_command_line
 
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "lmforge", "eval", "human", "--password", "hunter2"])
-    assert warn_if_on_command_line("hunter2", "the password", "LMFORGE_HUMAN_PASSWORD")
+    assert warn_if_on_command_line(["hunter2"], "the password", "LMFORGE_HUMAN_PASSWORD")
     err = capsys.readouterr().err
     assert err == ("warning: the password on the command line is visible to every user of this machine (ps); use "
                    "LMFORGE_HUMAN_PASSWORD\n")
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "lmforge", "eval", "human", "--models", "a", "b"])
-    assert not warn_if_on_command_line("hunter2", "the password", "LMFORGE_HUMAN_PASSWORD")
+    assert not warn_if_on_command_line(["hunter2"], "the password", "LMFORGE_HUMAN_PASSWORD")
     assert capsys.readouterr().err == ""
 
 

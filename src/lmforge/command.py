@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,3 +188,15 @@ def parse(cmd: Command, argv: list[str]) -> BaseModel:
 def run(cmd: Command, argv: list[str]) -> int:
     """Parse and run one command; its return value (None: 0) is the exit status."""
     return cmd.run(parse(cmd, argv)) or 0
+
+
+def warn_if_on_command_line(secrets: list[str], what: str, instead: str) -> bool:
+    """Print one warning line to stderr when a secret appears in this process's argv; True when it did.
+
+    Every user of the machine can read a process's argv (`ps`), so a secret there is not one."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    if not any(secret in arg for secret in secrets if secret for arg in argv):
+        return False
+    print(f"warning: {what} on the command line is visible to every user of this machine (ps); use {instead}",
+          file=sys.stderr, flush=True)
+    return True

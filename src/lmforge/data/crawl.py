@@ -63,6 +63,7 @@ from lmforge.data.crawl_state import CrawlReport, CrawlState, write_json_atomic
 from lmforge.data.urls import DEFAULT_PORTS, address_refusal, allowed_networks, extract_links, in_domains, \
     normalize_url
 from lmforge.data.warc import WarcFile, decode_html, is_html_type, url_id, warc_date
+from lmforge.errors import UserError
 
 DEFAULT_USER_AGENT = "lmforge-crawler/0.1 (+https://github.com/lmforge)"
 MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309: parse at least 500 KiB
@@ -459,16 +460,16 @@ def crawl(start_url: str, out_dir: str | Path, max_pages: int = 100, max_depth: 
     """
     out = Path(out_dir)
     if max_pages < 0 or max_depth < 0 or concurrency < 1 or delay_s < 0 or max_bytes < 1 or max_redirects < 0:
-        raise ValueError("crawl: max_pages, max_depth, delay_s and max_redirects must be >= 0, "
+        raise UserError("crawl: max_pages, max_depth, delay_s and max_redirects must be >= 0, "
                          "concurrency and max_bytes >= 1")
     try:
         allowed_networks(allow_private)  # a bad network fails here, not at the first request
     except ValueError as e:
-        raise ValueError(f"allow_private: {e}; give True or networks such as 127.0.0.0/8") from None
+        raise UserError(f"allow_private: {e}; give True or networks such as 127.0.0.0/8") from None
     try:
         seed = normalize_url(start_url)
     except ValueError as e:
-        raise ValueError(f"start URL {start_url!r}: {e}; give an http:// or https:// URL with a host") from None
+        raise UserError(f"start URL {start_url!r}: {e}; give an http:// or https:// URL with a host") from None
     domains = [d.strip().strip(".").lower() for d in (allowed_domains or [urlsplit(seed).hostname]) if d.strip()]
     domains = [d.encode("idna").decode("ascii") if not d.isascii() else d for d in domains]
 
@@ -477,7 +478,7 @@ def crawl(start_url: str, out_dir: str | Path, max_pages: int = 100, max_depth: 
     state.open()
     if state.seed is not None and state.seed != seed:
         state.close()
-        raise ValueError(f"{out} holds a crawl of {state.seed}, not {seed}: give another --out")
+        raise UserError(f"{out} holds a crawl of {state.seed}, not {seed}: give another --out")
     try:
         for name, key in ((WARC_NAME, "warc"), (DOCS_NAME, "jsonl")):  # drop what no event covers
             with open(out / name, "ab") as f:

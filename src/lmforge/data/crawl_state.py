@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from lmforge.data.base import Skips
+from lmforge.errors import UserError
 
 SKIP_REASONS = ("robots", "offsite", "non_html", "too_large", "error", "ssrf", "scheme", "depth", "http_status",
                 "too_many_redirects", "duplicate", "invalid_url", "extraction_empty", "extraction_timeout",
@@ -101,7 +102,7 @@ class CrawlState:
             pass
         except OSError as e:
             self._fh.close()
-            raise RuntimeError(f"{self.path.parent}: another crawl is writing there (lock held)") from e
+            raise UserError(f"{self.path.parent}: another crawl is writing there (lock held)") from e
         self._fh.truncate(good)
 
     def _apply(self, ev: dict, queued: list) -> None:

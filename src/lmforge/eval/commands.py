@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmforge.command import CliError, Command
+from lmforge.command import CliError, Command, warn_if_on_command_line
 from lmforge.config import Strict
 from lmforge.infer.commands import DEVICE_HELP, DTYPE_HELP, Device, DType
 from lmforge.model.commands import MODEL_HELP
@@ -257,14 +257,14 @@ def run_human(cfg: HumanConfig) -> int:
 
     from lmforge.config import dump_config
     from lmforge.eval.human.answers import Settings, ensure_answers, read_prompts
-    from lmforge.eval.human.app import PASSWORD_ENV, Session, serve, warn_if_on_command_line
+    from lmforge.eval.human.app import PASSWORD_ENV, Session, serve
     from lmforge.eval.human.store import Store
     from lmforge.model.load import resolve
 
     if cfg.password == "" or (cfg.password is None and os.environ.get(PASSWORD_ENV) == ""):
         raise CliError(f"the password is empty: give one, or unset --password and {PASSWORD_ENV} for open pages")
     password = cfg.password if cfg.password is not None else os.environ.get(PASSWORD_ENV)
-    warn_if_on_command_line(password, "the password", PASSWORD_ENV)
+    warn_if_on_command_line([password], "the password", PASSWORD_ENV)
     if len(cfg.models) < 2:
         raise CliError(f"--models needs at least 2 models to compare, got {len(cfg.models)}")
     if len(set(cfg.models)) < len(cfg.models):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lmforge.errors import UserError
 from lmforge.eval import groups as G
 from lmforge.eval import metrics as M
 from lmforge.eval import tasks as T
@@ -339,7 +340,7 @@ def read_results(path: str | Path) -> dict[str, dict]:
     if path.is_dir():
         found = sorted(p for p in path.rglob("*.json") if p.name.startswith(("results", "eval")))
         if len(found) != 1:
-            raise ValueError(f"{path}: expected one results JSON inside, found {len(found)}"
+            raise UserError(f"{path}: expected one results JSON inside, found {len(found)}"
                              + (f" ({', '.join(str(p) for p in found[:4])})" if found else ""))
         path = found[0]
     if not path.is_file():
@@ -347,10 +348,10 @@ def read_results(path: str | Path) -> dict[str, dict]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise UserError(f"{path}: not JSON ({e})") from None
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict):
-        raise ValueError(f"{path}: no `results` mapping (write one with `lmforge eval tasks --out`)")
+        raise UserError(f"{path}: no `results` mapping (write one with `lmforge eval tasks --out`)")
     return {task: {k.removesuffix(",none"): v for k, v in r.items()} for task, r in results.items()
             if isinstance(r, dict)}
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from lmforge.command import warn_if_on_command_line
 from lmforge.config import Strict
 from lmforge.errors import UserError
 
@@ -93,18 +94,6 @@ def resolve_api_keys(cfg: ServeConfig, environ=os.environ) -> list[str]:
     if any(not k.strip() for k in keys):
         raise UserError("api_key: a key is empty (it would accept 'Authorization: Bearer ' with no key)")
     return list(dict.fromkeys(keys))
-
-
-def warn_if_on_command_line(secrets: list[str], what: str, instead: str) -> bool:
-    """Print one warning line to stderr when a secret appears in this process's argv; True when it did.
-
-    Every user of the machine can read a process's argv (`ps`), so a secret there is not one."""
-    argv = getattr(sys, "orig_argv", sys.argv)
-    if not any(secret in arg for secret in secrets if secret for arg in argv):
-        return False
-    print(f"warning: {what} on the command line is visible to every user of this machine (ps); use {instead}",
-          file=sys.stderr, flush=True)
-    return True
 
 
 # ---- --backend vllm ------------------------------------------------------------------------------

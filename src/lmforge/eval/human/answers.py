@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmforge.errors import UserError
+
 HF_BATCH = 8  # prompts per transformers `generate` call, for architectures the engine does not cover
 
 
@@ -57,7 +59,7 @@ def _from_record(record, where: str) -> Prompt:
         inp = record.get("input") or ""
         if isinstance(text, str) and text.strip() and isinstance(inp, str):
             return make_prompt(text, "" if "prompt" in record else inp)
-    raise ValueError(f"{where}: expected an object with a `prompt` or an `instruction` (+ `input`) string")
+    raise UserError(f"{where}: expected an object with a `prompt` or an `instruction` (+ `input`) string")
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -76,21 +78,21 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+                    raise UserError(f"{path}:{i}: not JSON ({e})") from None
                 prompts.append(_from_record(record, f"{path}:{i}"))
     elif path.suffix == ".json":
         try:
             records = json.loads(text)
         except ValueError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+            raise UserError(f"{path}: not JSON ({e})") from None
         if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts")
+            raise UserError(f"{path}: expected a JSON list of prompts")
         prompts = [_from_record(r, f"{path}[{i}]") for i, r in enumerate(records)]
     else:
-        raise ValueError(f"--prompts {path}: expected a .jsonl, .json or .txt file")
+        raise UserError(f"--prompts {path}: expected a .jsonl, .json or .txt file")
     unique = list({p.id: p for p in prompts}.values())
     if not unique:
-        raise ValueError(f"--prompts {path}: no prompts in the file")
+        raise UserError(f"--prompts {path}: no prompts in the file")
     return unique
 
 

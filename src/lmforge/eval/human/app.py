@@ -21,7 +21,6 @@ import math
 import random
 import re
 import secrets
-import sys
 import threading
 import time
 from collections import deque
@@ -181,18 +180,6 @@ def password_ok(header: str | None, password: str) -> bool:
     except (binascii.Error, UnicodeDecodeError):
         return False
     return hmac.compare_digest(given.encode(), password.encode())
-
-
-def warn_if_on_command_line(secret: str, what: str, instead: str) -> bool:
-    """Print one warning line to stderr when `secret` appears in this process's argv; True when it did.
-
-    Every user of the machine can read a process's argv (`ps`), so a secret there is not one."""
-    argv = getattr(sys, "orig_argv", sys.argv)
-    if not secret or not any(secret in arg for arg in argv):
-        return False
-    print(f"warning: {what} on the command line is visible to every user of this machine (ps); use {instead}",
-          file=sys.stderr, flush=True)
-    return True
 
 
 @lru_cache(maxsize=1)
