@@ -146,6 +146,29 @@ def prompt_tasks(tmp_path_factory):
     return d, TaskManager(include_path=str(d))
 
 
+@pytest.mark.slow
+def test_bridge_passes_the_template_options_and_logs_lm_evals_samples(tmp_path, chat_tiny):
+    """--bridge lm-eval with --apply-chat-template, --system-instruction and --log-samples: lm-eval builds the same
+    prompts as the native run, through the model's template (EvalModel.chat), and the sample files match."""
+    group = mmlu_local(tmp_path / "tasks")
+    flags = ["--apply-chat-template", "--system-instruction", SYSTEM, "--num-fewshot", "2", "--limit", "3",
+             "--log-samples", "--device", "cpu"]
+    task = str(group.parent / "local_mmlu_anatomy.yaml")
+    run_cli("eval", "tasks", str(chat_tiny), "--tasks", task, *flags, "--out", str(tmp_path / "native.json"),
+            env=OFFLINE)
+    run_cli("eval", "tasks", str(chat_tiny), "--tasks", task, *flags, "--bridge", "lm-eval",
+            "--out", str(tmp_path / "bridge.json"), env=OFFLINE)
+    native, bridged = ([json.loads(line) for line in (tmp_path / f"samples_local_mmlu_anatomy_{n}.jsonl")
+                        .read_text().splitlines()] for n in ("native", "bridge"))
+    assert len(native) == len(bridged) == 3
+    for a, b in zip(native, sorted(bridged, key=lambda r: r["doc_id"])):
+        assert a["arguments"] == b["arguments"] and a["prompt_hash"] == b["prompt_hash"]
+        assert a["arguments"]["gen_args_0"]["arg_0"].startswith(f"<|im_start|>system\n{SYSTEM}")
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["results"]["local_mmlu_anatomy"]
+            for n in ("native", "bridge"))
+    assert a["acc"] == b["acc"]
+
+
 def lm_eval_prompts(manager, name: str, shots: int, **options) -> list:
     """lm-eval's requests for a task: (context, continuation) per choice, or the generation context."""
     theirs = next(iter(manager.load([name])["tasks"].values()))

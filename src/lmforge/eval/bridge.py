@@ -121,7 +121,8 @@ def evaluate_with_lm_eval(em: EvalModel, names: list[str], manager, *, limit: fl
                           fewshot_as_multiturn=multiturn, bootstrap_iters=bootstrap_iters,
                           confirm_run_unsafe_code=confirm_run_unsafe_code)
     if samples is not None:
-        samples.update(res.get("samples") or {})
+        for task, records in (res.get("samples") or {}).items():
+            samples[task] = [_as_logged(r) for r in records]
     results = {}
     for task, metrics in res["results"].items():
         r = {"n_samples": res.get("n-samples", {}).get(task, {}).get("effective"),
@@ -131,3 +132,12 @@ def evaluate_with_lm_eval(em: EvalModel, names: list[str], manager, *, limit: fl
                 r[key.removesuffix(",none")] = value
         results[task] = r
     return results
+
+
+def _as_logged(record: dict) -> dict:
+    """An lm-eval sample record as its --log_samples file holds it (EvaluationTracker.save_results_samples):
+    arguments as gen_args_i/arg_j, responses with every leaf a string, the target a string."""
+    from lmforge.eval.harness import logged_arguments, strings
+
+    return {**record, "target": str(record["target"]), "resps": strings(record["resps"]),
+            "filtered_resps": strings(record["filtered_resps"]), "arguments": logged_arguments(record["arguments"])}

@@ -220,9 +220,14 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _strings(x):
+def logged_arguments(arguments: list) -> dict:
+    """Each request's arguments as lm-eval's sample files hold them: {"gen_args_i": {"arg_j": ...}}."""
+    return {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(args)} for i, args in enumerate(arguments)}
+
+
+def strings(x):
     """Responses as lm-eval logs them: every leaf a string, tuples and lists kept (its sanitize_list)."""
-    return [_strings(i) for i in x] if isinstance(x, (list, tuple)) else str(x)
+    return [strings(i) for i in x] if isinstance(x, (list, tuple)) else str(x)
 
 
 def _log_records(task: T.Task, records: list[_Doc]) -> list[dict]:
@@ -233,9 +238,8 @@ def _log_records(task: T.Task, records: list[_Doc]) -> list[dict]:
         for filt, (filtered, scores) in r.scored.items():
             out.append({
                 "doc_id": doc_id, "doc": r.doc, "target": str(target),
-                "arguments": {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(args)}
-                              for i, args in enumerate(r.arguments)},
-                "resps": _strings(r.resps), "filtered_resps": _strings(filtered), "filter": filt,
+                "arguments": logged_arguments(r.arguments),
+                "resps": strings(r.resps), "filtered_resps": strings(filtered), "filter": filt,
                 "metrics": list(scores),
                 "doc_hash": _sha(json.dumps(r.doc, indent=2, default=str, ensure_ascii=False)),
                 "prompt_hash": _sha(r.arguments[0][0]), "target_hash": _sha(str(target)),
