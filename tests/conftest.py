@@ -14,6 +14,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = bool(os.environ.get("CI"))
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # the hub is never reachable from tests
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """datasets and the hub offline, with a fresh datasets cache per test (local files only, no stale cache)."""
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
 
 
 def require(name: str, *, binary: bool = False, why: str = ""):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require, run_cli, save_tiny
+from conftest import OFFLINE, ROOT, require, run_cli, save_tiny
 from lmforge.eval import groups as G
 from lmforge.eval import harness
 from lmforge.eval import metrics as M
@@ -20,15 +20,9 @@ DATA = ROOT / "tests" / "data" / "eval"
 LMEVAL = ROOT / "tests" / "data" / "lmeval"
 WINO = LMEVAL / "winogrande" / "wino_local.yaml"
 SUBJECTS = ("anatomy", "astronomy", "high_school_biology")
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 SYSTEM = "You are a careful student. Answer with one letter."
 
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require, run_cli, save_tiny
+from conftest import OFFLINE, ROOT, require, run_cli, save_tiny
 from lmforge.eval import harness
 from lmforge.eval import tasks as T
 
 DATA = ROOT / "tests" / "data" / "eval"
 LMEVAL = ROOT / "tests" / "data" / "lmeval"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")
