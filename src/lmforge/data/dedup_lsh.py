@@ -38,7 +38,7 @@ and at 6e-6 for unrelated documents (J = 0.05).
 Why hand-written (DESIGN.md): datasketch updates a MinHash once per shingle in Python and its LSH
 index lives in one process's memory; datatrove's MinHash stages fail with xxhash 4.1 (their
 default) and need spaCy for English words. Here every shingle is hashed once and the permutations
-run as numpy array operations over a whole batch: bench/dedup.py measured ~20x the datasketch
+run as numpy array operations over a whole batch: bench/dedup.py measured ~21x the datasketch
 recipe's docs/s with recall >= 0.99 on copies with 1-3 % of words substituted and precision 0.998.
 """
 from __future__ import annotations
