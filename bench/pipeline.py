@@ -45,7 +45,8 @@ NOTES = [
     "lmforge's spaCy-like regex tokenizer (words and punctuation tokens) through datatrove's custom "
     "WordTokenizer hook, so both tools see the same words.",
     "datatrove's default MinHash hash (xxhash) fails with xxhash 4.1 ('Strings must be encoded before hashing'): "
-    "run with HashConfig(hash_fc='sha1', precision=64); same 5-grams, 14 buckets x 8 hashes as lmforge.",
+    "run with HashConfig(hash_fc='sha1', precision=64); shingles, buckets and hashes per bucket set to lmforge's "
+    "defaults (word 3-grams, 20 x 5) instead of datatrove's own (5-grams, 14 x 8).",
     "datatrove's JsonlReader/JsonlWriter need orjson (not a datatrove dependency): pip install orjson.",
     "datatrove's Trafilatura step: favour_precision=False, deduplicate=False, include_tables=True, timeout=10 s "
     "(its defaults: True, True, tables on, 1 s) to match lmforge's extraction settings; lmforge also keeps "
@@ -115,7 +116,11 @@ def run_datatrove(jsonl_dir: Path, out: Path, workers: int, tasks: int) -> tuple
                 start += len(line)
             return spans
 
-    tok, cfg = Tokens("en"), MinhashConfig(hash_config=HashConfig(hash_fc="sha1", precision=64))
+    from lmforge.data.dedup_lsh import DedupConfig
+
+    ours = DedupConfig()  # the same shingles and bands as lmforge's defaults
+    tok, cfg = Tokens("en"), MinhashConfig(n_grams=ours.ngram, num_buckets=ours.bands, hashes_per_bucket=ours.rows,
+                                           hash_config=HashConfig(hash_fc="sha1", precision=64))
     stages = [
         ([JsonlReader(str(jsonl_dir)), Trafilatura(**TRAFILATURA), GopherQualityFilter(language=tok),
           GopherRepetitionFilter(language=tok), JsonlWriter(f"{out}/kept"),
