@@ -69,9 +69,19 @@ def test_perplexity_bad_inputs_are_one_line_errors(tmp_path):
     model = save_tiny(tmp_path / "tiny")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (tmp_path / "broken.json").write_text('["fine", ')
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    (tmp_path / "table.csv").write_text("a,b\n")
     for args, message in [(["--data", str(tmp_path / "missing.txt")], "no such file"),
                           (["--data", str(bad)], "bad.jsonl:2: expected an object with a string `text`"),
-                          (["--data", str(bad.with_suffix(".csv"))], "no such file")]:
+                          (["--data", str(bad.with_suffix(".csv"))], "no such file"),
+                          (["--data", str(tmp_path / "table.csv")], "table.csv: use .txt, .jsonl"),
+                          (["--data", str(tmp_path / "broken.jsonl")], "broken.jsonl:2: not valid JSON"),
+                          (["--data", str(tmp_path / "broken.json")], "broken.json: not valid JSON"),
+                          (["--data", str(tmp_path / "numbers.json")], "numbers.json: expected a JSON list of strings"),
+                          (["--data", str(tmp_path / "binary.txt")], "binary.txt: not UTF-8 text")]:
         p = run_cli("eval", "perplexity", str(model), *args, check=False, timeout=120)
         assert p.returncode == 2 and message in p.stderr and p.stderr.count("\n") == 1, p.stderr
     good = tmp_path / "good.txt"

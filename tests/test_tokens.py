@@ -47,6 +47,18 @@ def test_char_shards_equal_nanogpt_prepare(tmp_path):
     assert tok.decode([stoi["A"], len(stoi), stoi["l"]]) == "A" + EOS + "l"
 
 
+def test_a_directory_without_a_usable_tokenizer_is_a_user_error(tmp_path):
+    """transformers' own OSError/ValueError becomes a UserError naming the directory (one line from the CLI)."""
+    from lmforge.errors import UserError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    for name in ("empty", "broken"):
+        with pytest.raises(UserError, match=rf"^tokenizer .*{name}: not a loadable HF tokenizer directory \("):
+            load_tokenizer(tmp_path / name)
+
+
 def test_char_tokenizer_rejects_unknown_characters(tmp_path):
     tok = load_tokenizer(build_char_tokenizer("abc\n", tmp_path / "tok"))
     assert encode_batch(tok, ["cab\n"]) == [[3, 1, 2, 0]]  # "\n" sorts first

@@ -10,11 +10,13 @@ import os
 
 import torch
 
+from lmforge.errors import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device that was asked for and is not there; the message names the setting."""
 
 

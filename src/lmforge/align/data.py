@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from lmforge.config import Strict
 from lmforge.data.readers import ReadReport, iter_records
+from lmforge.errors import UserError
 from lmforge.tokens.chat import ensure_chat_template
 from lmforge.train.sft_data import check_records_path, check_val_size, val_count
 
@@ -286,10 +287,10 @@ def _split(items: list, val_size: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def _no_examples(cfg: AlignDataConfig, kind: str, n: int, skipped: ReadReport, expected: str) -> ValueError:
+def _no_examples(cfg: AlignDataConfig, kind: str, n: int, skipped: ReadReport, expected: str) -> UserError:
     reasons = ", ".join(f"{k} {v}" for k, v in skipped.skipped.most_common(3)) or "no records"
     first = skipped.examples[0] if skipped.examples else "none"
-    return ValueError(f"{cfg.path}: no usable {kind} in {n} records ({reasons}; first: {first}); expected {expected}")
+    return UserError(f"{cfg.path}: no usable {kind} in {n} records ({reasons}; first: {first}); expected {expected}")
 
 
 PAIR_FORMATS = ("prompt/chosen/rejected (strings or chat messages), or chosen/rejected whose shared prefix is "
@@ -302,13 +303,13 @@ def check_preference_file(cfg: AlignDataConfig) -> None:
     first = next((r for _, r in records if isinstance(r, dict)), None)
     if first is None or "chosen" not in first or "rejected" not in first:
         keys = sorted(first) if first is not None else "no JSON objects"
-        raise ValueError(f"{cfg.path}: the first record has keys {keys}; a preference file needs {PAIR_FORMATS}")
+        raise UserError(f"{cfg.path}: the first record has keys {keys}; a preference file needs {PAIR_FORMATS}")
 
 
 def load_pairs(cfg: AlignDataConfig, tokenizer, seed: int, split: bool = True) -> AlignData:
     """Read, render and tokenize preference pairs; identical and malformed pairs are skipped and counted."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; each answer ends with one")
+        raise UserError("the tokenizer has no EOS token; each answer ends with one")
     records, skipped = _read(cfg)
     r = Renderer(tokenizer, cfg.template, cfg.system_prompt)
     report = AlignReport(cfg.path, "preference", "chat" if r.use_chat else "none", n_records=len(records),

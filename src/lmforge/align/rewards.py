@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from lmforge.errors import UserError
+
 RewardFn = Callable[..., list]
 
 # The last number in a text, as lm-eval's gsm8k "flexible-extract" filter finds it (commas and $ allowed).
@@ -79,30 +81,30 @@ BUILTIN: dict[str, RewardFn] = {"gsm8k": gsm8k, "gsm8k_strict": gsm8k_strict, "g
 
 
 def load_reward_function(name: str) -> RewardFn:
-    """A built-in name, `package.module:function`, or `path/to/file.py:function`; ValueError saying what failed."""
+    """A built-in name, `package.module:function`, or `path/to/file.py:function`; a UserError saying what failed."""
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise ValueError(f"reward function {name!r}: not built in ({', '.join(BUILTIN)}) and not of the form "
+        raise UserError(f"reward function {name!r}: not built in ({', '.join(BUILTIN)}) and not of the form "
                          "module:function or path.py:function")
     where, attr = name.rsplit(":", 1)
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.is_file():
-                raise ValueError(f"{path} does not exist")
+                raise UserError(f"{path} does not exist")
             spec = importlib.util.spec_from_file_location(f"lmforge_reward_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
     except ValueError as e:
-        raise ValueError(f"reward function {name!r}: {e}") from None
+        raise UserError(f"reward function {name!r}: {e}") from None
     except Exception as e:  # noqa: BLE001 - the user's module may raise anything while importing
-        raise ValueError(f"reward function {name!r}: cannot import {where}: {type(e).__name__}: {e}") from None
+        raise UserError(f"reward function {name!r}: cannot import {where}: {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward function {name!r}: {where} has no function {attr!r}")
+        raise UserError(f"reward function {name!r}: {where} has no function {attr!r}")
     return fn
 
 

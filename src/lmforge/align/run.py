@@ -25,6 +25,7 @@ from lmforge.align.rl import (GRPO, PPO, Rollouts, columns, function_scorer, loa
                               save_rl_state)
 from lmforge.config import dump_config
 from lmforge.device import inference_dtype, resolve_precision
+from lmforge.errors import UserError
 from lmforge.infer.engine import SamplingParams
 from lmforge.infer.live import LiveGenerator
 from lmforge.infer.prompts import eos_ids
@@ -52,7 +53,7 @@ def probe(fns: dict, record: dict, text: str) -> None:
     try:
         score(fns, [text], ["The answer is 0.\n#### 0"], columns([record], 1))
     except RuntimeError as e:
-        raise ValueError(f"{e} (on a test completion, before training)") from None
+        raise UserError(f"{e} (on a test completion, before training)") from None
 
 
 def _frozen(model: nn.Module) -> nn.Module:

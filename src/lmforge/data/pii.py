@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Iterable
 
 from lmforge.data.base import Document, MapStep, StepStats
+from lmforge.errors import UserError
 
 ALL_KINDS = ("email", "ip", "credit_card", "ssn", "phone")  # also the order the passes run in
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "ssn": "[SSN]", "credit_card": "[CREDIT_CARD]", "ip": "[IP]"}
@@ -254,7 +255,7 @@ def _check_kinds(kinds: Iterable[str]) -> frozenset:
     wanted = frozenset(kinds)
     unknown = wanted - set(ALL_KINDS)
     if unknown:
-        raise ValueError(f"unknown PII kind(s) {sorted(unknown)}; accepted: {', '.join(ALL_KINDS)}")
+        raise UserError(f"unknown PII kind(s) {sorted(unknown)}; accepted: {', '.join(ALL_KINDS)}")
     return wanted
 
 

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 from lmforge.config import Strict
 from lmforge.data.base import Document, Step, StepStats, counted
 from lmforge.data.readers import ReadReport, iter_documents, list_inputs
+from lmforge.errors import UserError
 
 
 class PipelineConfig(Strict):
@@ -68,7 +69,7 @@ def build_step(name: str, opts: dict, check_only: bool = False) -> Step | None:
     from lmforge.data.filters import FILTERS
     if name not in FILTERS:
         known = ", ".join(["dedup", "extract", "pii", *sorted(FILTERS)])
-        raise ValueError(f"unknown step {name!r}; known: {known}")
+        raise UserError(f"unknown step {name!r}; known: {known}")
     step = FILTERS[name](opts)  # validates options even when only checking
     return None if check_only else step
 
@@ -234,7 +235,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     listing = ReadReport()
     sources = [str(s) for s in list_inputs(cfg.inputs, listing)]
     if not sources:
-        raise ValueError(f"no readable input in {', '.join(cfg.inputs)}")
+        raise UserError(f"no readable input in {', '.join(cfg.inputs)}")
     shards = plan_shards(sources, cfg.shard_mb)
     cfg_dict = cfg.model_dump(mode="json")
     _check_same_run(out, {"inputs": shards, "steps": cfg.steps, "output_format": cfg.output_format,
@@ -266,7 +267,7 @@ def _check_same_run(out: Path, plan: dict) -> None:
     path = out / "_markers" / "plan.json"
     if path.is_file():
         if json.loads(path.read_text()) != json.loads(json.dumps(plan)):
-            raise ValueError(f"{out} holds a run with other inputs or steps ({path}); use a new out_dir "
+            raise UserError(f"{out} holds a run with other inputs or steps ({path}); use a new out_dir "
                              "or delete this one")
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.data.base import Document, Skips
+from lmforge.errors import UserError
 
 TEXT_FORMATS = (".txt", ".md", ".rst", ".py")
 RECORD_FORMATS = (".jsonl", ".json", ".parquet")
@@ -124,7 +125,7 @@ def list_inputs(paths: str | Path | Iterable[str | Path], report: ReadReport) ->
         elif split_suffix(p)[0]:
             out.append(p)
         else:
-            raise ValueError(f"{p}: unsupported file type; accepted: {', '.join(FORMATS)} "
+            raise UserError(f"{p}: unsupported file type; accepted: {', '.join(FORMATS)} "
                              f"(optionally {', '.join(COMPRESSIONS)}), a directory, a glob or hf:NAME")
     return out
 

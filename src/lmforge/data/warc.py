@@ -27,6 +27,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from lmforge.data.base import Document
+from lmforge.errors import UserError
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_\-:.]+)""", re.I)
@@ -132,7 +133,7 @@ class WarcFile:
             self._fh.close()
 
 
-class WarcReadError(ValueError):
+class WarcReadError(UserError):
     """A WARC/WET file ended early or is corrupt after `documents` documents were yielded."""
 
     def __init__(self, path: Path, kind: str, offset: int, documents: int, detail: str):

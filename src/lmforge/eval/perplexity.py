@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.errors import UserError
+
 
 @dataclass
 class PerplexityResult:
@@ -50,23 +52,36 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file")
+    if path.suffix not in (".txt", ".jsonl", ".json"):
+        raise UserError(f"--data {path}: use .txt, .jsonl (a `text` field per line) or .json")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [raw]
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(raw.splitlines(), 1):
             if line.strip():
-                record = json.loads(line)
+                record = _json(line, f"{path}:{i}")
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{i}: expected an object with a string `text`")
+                    raise UserError(f"{path}:{i}: expected an object with a string `text`")
                 docs.append(record["text"])
         return docs
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of strings or of objects with `text`")
-        return [d if isinstance(d, str) else d["text"] for d in data]
-    raise ValueError(f"--data {path}: use .txt, .jsonl (a `text` field per line) or .json")
+    data = _json(raw, str(path))
+    if not isinstance(data, list) or not all(isinstance(d, str) or (isinstance(d, dict) and isinstance(
+            d.get("text"), str)) for d in data):
+        raise UserError(f"{path}: expected a JSON list of strings or of objects with a string `text`")
+    return [d if isinstance(d, str) else d["text"] for d in data]
+
+
+def _json(text: str, where: str):
+    """json.loads, with a UserError naming `where` for text that is not JSON (the user's file)."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None
 
 
 def score(model, documents: list[str], stride: int | None = None) -> PerplexityResult:
@@ -75,13 +90,13 @@ def score(model, documents: list[str], stride: int | None = None) -> PerplexityR
     max_length = model.max_length
     stride = stride or max_length
     if max_length < 1:
-        raise ValueError(f"--max-length must be at least 1, got {max_length}")
+        raise UserError(f"--max-length must be at least 1, got {max_length}")
     if not 1 <= stride <= max_length:
-        raise ValueError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
+        raise UserError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
     scored = model.loglikelihood_rolling(documents, stride)
     total, n_tokens = sum(ll for ll, _ in scored), sum(n for _, n in scored)
     if not n_tokens:
-        raise ValueError("the documents hold no tokens to score")
+        raise UserError("the documents hold no tokens to score")
     words = sum(len(re.split(r"\s+", d)) for d in documents)
     n_bytes = sum(len(d.encode("utf-8")) for d in documents)
     return PerplexityResult(

@@ -12,6 +12,7 @@ from lmforge.align.data import AlignDataConfig, check_preference_file, load_pair
 from lmforge.align.models import PolicyModel, RewardModel
 from lmforge.align.pairs import answer_logps, collate_pairs
 from lmforge.device import inference_dtype, pick_device
+from lmforge.errors import UserError
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def score_preferences(model: str, data: str, reference: str | None = None, *, be
     check_preference_file(cfg)
     reward = is_reward_model(model)
     if not reward and reference is None:
-        raise ValueError(f"{model} is a causal LM, not a reward model: give --reference MODEL (e.g. its base) to score "
+        raise UserError(f"{model} is a causal LM, not a reward model: give --reference MODEL (e.g. its base) to score "
                          "it by DPO's implicit reward")
     if reference is not None:
         resolve(reference)  # a bad path fails before any model loads

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.infer.runner import Runner
 
 log = logging.getLogger("lmforge.infer")
@@ -142,7 +143,7 @@ class Engine:
                  metrics=None):
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_model_len is not None and max_model_len > limit:
-            raise ValueError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
+            raise UserError(f"--max-model-len {max_model_len} is more than the model's {limit} positions")
         self.max_model_len = max_model_len or limit
         self.runner = Runner(model, max_slots=max_batch, max_len=self.max_model_len)
         self.tok, self.eos_ids = tokenizer, set(eos_ids)
@@ -164,7 +165,7 @@ class Engine:
     def submit(self, req: Request) -> None:
         """Queue a request; QueueFull when max_queue requests already wait."""
         if req.params.n > self.max_batch:
-            raise ValueError(f"n={req.params.n} is more than the server's --max-batch {self.max_batch}")
+            raise UserError(f"n={req.params.n} is more than the server's --max-batch {self.max_batch}")
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.infer.engine import Completion, SamplingParams
 
 
@@ -44,7 +45,7 @@ def _check(p: SamplingParams) -> None:
              "ignore_eos": p.ignore_eos}
     unsupported = [name for name, on in asked.items() if on]
     if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not supported for this architecture (transformers' generate "
+        raise UserError(f"{', '.join(unsupported)}: not supported for this architecture (transformers' generate "
                          f"runs it, not lmforge's engine)")
 
 
@@ -54,7 +55,7 @@ def hf_generate(model, tok, prompts: list[list[int]], params: list[SamplingParam
 
     Rows of prompts with equal parameters share a batch; a prompt's seed is set before its first row."""
     if on_text is not None and (len(prompts) != 1 or params[0].n != 1):
-        raise ValueError("streaming generates one sequence of one prompt at a time")
+        raise UserError("streaming generates one sequence of one prompt at a time")
     for p in params:
         _check(p)
     dev = next(model.parameters()).device

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.infer.engine import Completion, Engine, SamplingParams, run_batch
 from lmforge.infer.fallback import hf_generate
 from lmforge.infer.load import InferenceModel, load_for_inference
@@ -47,7 +48,7 @@ class Generator:
         for k, (ids, p) in enumerate(zip(prompts, params)):
             room = self.max_model_len - len(ids)
             if room <= 0:
-                raise ValueError(f"prompt {k + 1} is {len(ids)} tokens, as long as the model's context "
+                raise UserError(f"prompt {k + 1} is {len(ids)} tokens, as long as the model's context "
                                  f"({self.max_model_len}); shorten it")
             if p.max_tokens > room:
                 params[k] = dataclasses.replace(p, max_tokens=room)

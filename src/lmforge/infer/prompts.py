@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from lmforge.errors import UserError
 from lmforge.tokens.chat import alpaca_template
 
 Template = Literal["none", "chat", "alpaca"]
@@ -27,7 +28,7 @@ def prompt_ids(tok, prompt: str, template: Template = "none", inp: str = "") -> 
     if template == "alpaca":
         return tok.encode(alpaca_template(prompt, inp))
     if template != "none":
-        raise ValueError(f"template {template!r}: expected one of {', '.join(TEMPLATES)}")
+        raise UserError(f"template {template!r}: expected one of {', '.join(TEMPLATES)}")
     return tok.encode(prompt)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.errors import UserError
+
 SUPPORTED = {"llama", "mistral", "qwen2"}
 GROW = 256  # cache length grows in steps of this many tokens
 
@@ -50,17 +52,17 @@ class _Layer:
 
 
 def check_supported(config) -> None:
-    """Raise ValueError unless the runner can serve this transformers config."""
+    """Raise UserError unless the runner can serve this transformers config."""
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED:
-        raise ValueError(f"serving supports {', '.join(sorted(SUPPORTED))} models; this one is {kind!r}")
+        raise UserError(f"serving supports {', '.join(sorted(SUPPORTED))} models; this one is {kind!r}")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"serving needs a SiLU MLP; this model uses {config.hidden_act!r}")
+        raise UserError(f"serving needs a SiLU MLP; this model uses {config.hidden_act!r}")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"serving supports plain RoPE; this model uses {rope.get('rope_type')!r} scaling")
+        raise UserError(f"serving supports plain RoPE; this model uses {rope.get('rope_type')!r} scaling")
     if kind == "mistral" and getattr(config, "sliding_window", None):
-        raise ValueError("serving does not support sliding-window attention")
+        raise UserError("serving does not support sliding-window attention")
 
 
 def _rope_theta(config) -> float:

@@ -5,6 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lmforge.errors import UserError
 from lmforge.model.load import is_reward_model, load_model, load_tokenizer, model_source_info, resolve
 
 
@@ -19,10 +20,10 @@ def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise UserError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     r = resolve(spec)
     if r.kind == "adapter" and not merge_lora:
-        raise ValueError(f"{spec} is a LoRA adapter: pass --merge-lora (merge_lora=True) to export base + adapter "
+        raise UserError(f"{spec} is a LoRA adapter: pass --merge-lora (merge_lora=True) to export base + adapter "
                          f"as one model, or use the adapter directory as it is")
     model = load_model(spec, merge_adapter=True, head="score" if is_reward_model(spec) else "lm")
     if dtype is not None:
@@ -34,7 +35,7 @@ def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
             gen.eos_token_id = tok.eos_token_id
         gen.pad_token_id = tok.pad_token_id
     if hasattr(model.config, "quantization_config"):
-        raise ValueError(f"{spec} loads quantized; export needs full-precision weights")
+        raise UserError(f"{spec} loads quantized; export needs full-precision weights")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.readers import ReadReport, iter_texts
+from lmforge.errors import UserError
 from lmforge.tokens.tokenizer import build_char_tokenizer, encode_batch, eos_id, load_tokenizer
 
 SPLITS = ("train", "val")
@@ -76,7 +77,7 @@ def write_shards(
     leaves earlier shards in out_dir intact.
     """
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if str(tokenizer_spec) == "char":
@@ -94,7 +95,7 @@ def write_shards(
     try:
         first = next(docs, None)
         if first is None:
-            raise ValueError(f"no documents in {paths} (skipped: {dict(report.skipped)})")
+            raise UserError(f"no documents in {paths} (skipped: {dict(report.skipped)})")
         text, is_last = first
         if is_last:
             split_by = "tokens"
@@ -173,21 +174,21 @@ def read_meta(data_dir: str | Path, vocab_size: int | None = None, dtype: str = 
         try:
             meta = json.loads(meta_path.read_text())
         except ValueError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+            raise UserError(f"{meta_path}: not valid JSON ({e})") from None
         for key in META_KEYS:
             if key not in meta:
-                raise ValueError(f"{meta_path}: missing key {key!r} (needs {', '.join(META_KEYS)})")
+                raise UserError(f"{meta_path}: missing key {key!r} (needs {', '.join(META_KEYS)})")
         if meta["dtype"] not in ("uint16", "uint32"):
-            raise ValueError(f"{meta_path}: dtype {meta['dtype']!r} is not 'uint16' or 'uint32'")
+            raise UserError(f"{meta_path}: dtype {meta['dtype']!r} is not 'uint16' or 'uint32'")
         return meta
     bins = [split for split in SPLITS if (data_dir / f"{split}.bin").exists()]
     if not bins:
         raise FileNotFoundError(f"{data_dir}: no meta.json and no train.bin / val.bin")
     if vocab_size is None:
         pkl = " (its meta.pkl is not read: pickles are never loaded)" if (data_dir / "meta.pkl").exists() else ""
-        raise ValueError(f"{data_dir}: token shards without meta.json{pkl}; give model.vocab_size=N")
+        raise UserError(f"{data_dir}: token shards without meta.json{pkl}; give model.vocab_size=N")
     if dtype not in ("uint16", "uint32"):
-        raise ValueError(f"dtype {dtype!r} is not 'uint16' or 'uint32'")
+        raise UserError(f"dtype {dtype!r} is not 'uint16' or 'uint32'")
     itemsize = np.dtype(dtype).itemsize
     return {
         "dtype": dtype,
@@ -208,7 +209,7 @@ def load_shard(data_dir: str | Path, split: str, vocab_size: int | None = None, 
     dt = np.dtype(meta["dtype"]).newbyteorder("<")
     size = path.stat().st_size
     if size % dt.itemsize:
-        raise ValueError(f"{path}: size {size} is not a multiple of {dt.itemsize} bytes ({meta['dtype']})")
+        raise UserError(f"{path}: size {size} is not a multiple of {dt.itemsize} bytes ({meta['dtype']})")
     if size == 0:  # np.memmap cannot map an empty file
         return np.zeros(0, dtype=dt)
     return np.memmap(path, dtype=dt, mode="r")

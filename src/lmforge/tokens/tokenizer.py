@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.data.readers import ReadReport, iter_texts
+from lmforge.errors import UserError
 
 EOS = "<|endoftext|>"
 
@@ -42,7 +43,7 @@ def train_bpe(
     The first special token is the EOS token. Byte-level means every input encodes: no unknown tokens.
     """
     if not special_tokens:
-        raise ValueError("special_tokens must name at least the EOS token, e.g. ('<|endoftext|>',)")
+        raise UserError("special_tokens must name at least the EOS token, e.g. ('<|endoftext|>',)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -84,16 +85,20 @@ def load_tokenizer(spec: str | Path):
         raise FileNotFoundError(
             f"tokenizer directory not found: {spec} (expected an HF tokenizer directory with tokenizer.json)"
         )
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:  # transformers' word for a directory that holds no usable tokenizer
+        detail = " ".join(str(e).split())
+        raise UserError(f"tokenizer {spec}: not a loadable HF tokenizer directory ({detail[:300]})") from e
     if not tok.is_fast:  # shards are encoded by the Rust tokenizer, which only fast tokenizers have
-        raise ValueError(f"tokenizer {spec} is not a fast tokenizer; it needs a tokenizer.json")
+        raise UserError(f"tokenizer {spec} is not a fast tokenizer; it needs a tokenizer.json")
     return tok
 
 
 def eos_id(tok) -> int:
     """The EOS token id of an HF tokenizer; documents in token shards are separated by it."""
     if tok.eos_token_id is None:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {tok.name_or_path} has no EOS token; set eos_token in its tokenizer_config.json"
         )
     return tok.eos_token_id
@@ -103,7 +108,7 @@ def encode_batch(tok, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens, encoded in parallel by the Rust tokenizer.
 
     Parallelism follows the `tokenizers` library: all cores unless TOKENIZERS_PARALLELISM=false
-    (RAYON_NUM_THREADS caps the threads). Characters a char tokenizer lacks raise a ValueError that counts them.
+    (RAYON_NUM_THREADS caps the threads). Characters a char tokenizer lacks raise a UserError that counts them.
     """
     try:
         return [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
@@ -115,7 +120,7 @@ def encode_batch(tok, texts: list[str]) -> list[list[int]]:
         if not unknown:
             raise
         shown = ", ".join(f"{c!r} x{n}" for c, n in unknown.most_common(10))
-        raise ValueError(
+        raise UserError(
             f"{sum(unknown.values())} characters ({len(unknown)} distinct) are not in the vocabulary of "
             f"tokenizer {tok.name_or_path}: {shown}; rebuild it from text that contains them"
         ) from e

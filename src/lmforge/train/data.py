@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmforge.errors import UserError
+
 
 @dataclass
 class WindowSampler:
@@ -24,7 +26,7 @@ class WindowSampler:
     def __post_init__(self):
         self.n_windows = len(self.tokens) - self.seq_len - 1
         if self.n_windows < 1:
-            raise ValueError(f"the shard has {len(self.tokens)} tokens, fewer than one window of {self.seq_len + 1}")
+            raise UserError(f"the shard has {len(self.tokens)} tokens, fewer than one window of {self.seq_len + 1}")
         self._offsets = np.arange(self.seq_len + 1)
 
     def starts(self, step: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.config import dump_config
+from lmforge.errors import UserError
 from lmforge.train.config import FinetuneConfig
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.device import resolve_precision
@@ -115,7 +116,7 @@ def apply_liger(model: nn.Module) -> None:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
-        raise ValueError("train.liger=true needs liger-kernel: pip install liger-kernel") from None
+        raise UserError("train.liger=true needs liger-kernel: pip install liger-kernel") from None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
 
@@ -180,7 +181,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
         if tc.liger and rt.device.type != "cuda":
-            raise ValueError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
+            raise UserError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
         precision = resolve_precision(tc.precision, rt.device)
         tokenizer = load_tokenizer(cfg.base_model)
         data = load_sft_data(cfg.data, tokenizer, cfg.seed)

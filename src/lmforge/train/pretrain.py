@@ -6,6 +6,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from lmforge.config import dump_config
+from lmforge.errors import UserError
 from lmforge.model.build import build_model
 from lmforge.model.config import n_params
 from lmforge.tokens.shards import load_shard, read_meta
@@ -27,11 +28,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = int(meta["vocab_size"])
         elif cfg.model.vocab_size < int(meta["vocab_size"]):
-            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' "
+            raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' "
                              f"vocab_size {meta['vocab_size']} ({cfg.data.dir}/meta.json)")
         seq_len = cfg.data.seq_len or cfg.model.max_seq_len
         if seq_len > cfg.model.max_seq_len:
-            raise ValueError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
+            raise UserError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
 
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         if rt.is_main:

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from lmforge.config import Strict
 from lmforge.data.readers import RECORD_FORMATS, ReadReport, is_hf_dataset, iter_records, split_suffix
+from lmforge.errors import UserError
 from lmforge.tokens.chat import alpaca_template
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
     Chat data gives `tokenizer` a chat template first (cfg.chat_template, its own, else ChatML).
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; SFT examples end with one so the model learns to stop")
+        raise UserError("the tokenizer has no EOS token; SFT examples end with one so the model learns to stop")
     skipped = ReadReport()
     records = list(islice(iter_records(cfg.path, skipped, json_lines=True), cfg.max_examples))
     fmt = cfg.format
@@ -263,7 +264,7 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
         fmt = detect_format(first) if first is not None else None
         if fmt is None:
             seen = sorted(first) if first is not None else "no JSON objects"
-            raise ValueError(f"{cfg.path}: no SFT format fits the first record's keys {seen}; expected messages "
+            raise UserError(f"{cfg.path}: no SFT format fits the first record's keys {seen}; expected messages "
                              "(chat), instruction+output or prompt+completion (alpaca), or text")
     if fmt == "chat":
         from lmforge.tokens.chat import ensure_chat_template
@@ -301,7 +302,7 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
         report.n_target_tokens += int(ex.targets[1:].sum())
     if not examples:
         reasons = ", ".join(f"{k} {v}" for k, v in skipped.skipped.most_common(3)) or "no records"
-        raise ValueError(f"{cfg.path}: no usable SFT examples in {len(records)} records ({reasons}; first: "
+        raise UserError(f"{cfg.path}: no usable SFT examples in {len(records)} records ({reasons}; first: "
                          f"{skipped.examples[0] if skipped.examples else 'none'})")
     n = len(examples)
     n_val = min(val_count(cfg.val_size, n), n - 1)  # at least one example is left to train on
