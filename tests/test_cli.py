@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 from conftest import ROOT, free_port, run_cli, save_tiny, stop_server, wait_healthy
 from lmforge.cli import commands, main
 from lmforge.command import CliError, parse
-from lmforge.config import config_reference
+from lmforge.config import ConfigError, config_reference
+from lmforge.errors import UserError
 
 LONG_RUNNING = ["pretrain", "finetune", "data run", "serve", "eval tasks", "eval perplexity", "eval human"]
 
@@ -79,8 +81,9 @@ def test_flags_are_aliases_of_keys_and_overrides_come_last(tmp_path):
     assert parse(serve, ["--config", str(cfg), "port=1"]).port == 1
     human = parse(command("eval human"), ["--models", "a", "b", "--prompts", "p.txt"])
     assert human.models == ["a", "b"]
-    dedup = parse(command("data dedup"), ["in.jsonl", "out.jsonl", "--no-exact", "--bands", "20"])
-    assert (dedup.exact, dedup.near, dedup.bands, dedup.rows) == (False, True, 20, 8)
+    dedup = parse(command("data dedup"), ["in.jsonl", "out.jsonl", "--no-exact", "--bands", "7"])
+    rows = type(dedup).model_fields["rows"].default  # untouched: the model's default
+    assert (dedup.exact, dedup.near, dedup.bands, dedup.rows) == (False, True, 7, rows)
     tasks = parse(command("eval tasks"), ["m", "--tasks", "a,b", "--tasks", "c"])
     assert tasks.tasks == ["a", "b", "c"] and parse(command("eval tasks"), ["m", "tasks=[a, b]"]).tasks == ["a", "b"]
 
@@ -251,3 +254,89 @@ def test_every_flag_of_the_earlier_command_line_still_parses(argv):
     given = {a.lstrip("-").replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
     given = {cmd.aliases.get("--" + g.replace("_", "-"), g) for g in given}
     assert given <= set(cfg.model_fields_set), given - set(cfg.model_fields_set)
+
+
+# ---- exit codes: one line and 2 for user errors, a traceback and 1 for bugs -------------------------------
+
+def _raising_parse(exc: BaseException):
+    """A stand-in for lmforge.command.parse (which every command runs first) that raises `exc`."""
+    def parse(cmd, argv):
+        raise exc
+    return parse
+
+
+@pytest.mark.parametrize("exc, line", [
+    (UserError("data.path: no such file x.jsonl"), "error: data.path: no such file x.jsonl"),
+    (FileNotFoundError(2, "No such file or directory", "/no/such/input.txt"),
+     "error: [Errno 2] No such file or directory: '/no/such/input.txt'"),
+    (PermissionError(13, "Permission denied", "/root/secret"), "error: [Errno 13] Permission denied: '/root/secret'"),
+    (FileExistsError(17, "File exists", "runs/a.txt"), "error: [Errno 17] File exists: 'runs/a.txt'"),
+], ids=["UserError", "FileNotFoundError", "PermissionError", "FileExistsError"])
+def test_a_user_error_is_one_line_and_exit_2(monkeypatch, capsys, exc, line):
+    import lmforge.command
+
+    monkeypatch.delenv("LMFORGE_TRACEBACK", raising=False)
+    monkeypatch.setattr(lmforge.command, "parse", _raising_parse(exc))
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_stage_input_errors_are_user_errors():
+    """The stages' own input errors (bad model, device, WARC file) are UserErrors, so the CLI reports them in one line."""
+    from lmforge.data.warc import WarcReadError
+    from lmforge.device import DeviceError
+    from lmforge.model.load import ModelLoadError
+
+    for cls in (CliError, ConfigError, DeviceError, ModelLoadError, WarcReadError):
+        assert issubclass(cls, UserError), cls
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError("division by zero"), ValueError("an internal invariant broke"),
+                                 KeyError("missing")], ids=["ZeroDivisionError", "ValueError", "KeyError"])
+def test_an_internal_error_propagates_from_main(monkeypatch, capsys, exc):
+    """A bug is not caught: main lets it through (Python then prints the traceback and exits 1), even a plain
+    ValueError, which the CLI used to print as one line as if the user had made a mistake."""
+    import lmforge.command
+
+    monkeypatch.setattr(lmforge.command, "parse", _raising_parse(exc))
+    with pytest.raises(type(exc)):
+        main(["info"])
+    assert "error:" not in capsys.readouterr().err
+
+
+SITECUSTOMIZE = '''\
+import os
+if os.environ.get("LMFORGE_TEST_RAISE"):  # make every command fail the way the test asks, before any work
+    import lmforge.command
+    from lmforge.errors import UserError
+
+    def parse(cmd, argv):
+        kind, message = os.environ["LMFORGE_TEST_RAISE"].split(":", 1)
+        raise {"UserError": UserError, "ValueError": ValueError, "ZeroDivisionError": ZeroDivisionError}[kind](message)
+
+    lmforge.command.parse = parse
+'''
+
+
+@pytest.mark.parametrize("entry", ["python -m lmforge", "lmforge"])
+def test_exit_status_and_traceback_from_the_real_entry_points(tmp_path, entry):
+    """`python -m lmforge` and the `lmforge` script: an internal error prints its traceback and exits 1; a user
+    error prints one line and exits 2 (with LMFORGE_TRACEBACK=1: its traceback, exit 1)."""
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)  # imported at start-up from PYTHONPATH
+    argv = [sys.executable, "-m", "lmforge"] if entry == "python -m lmforge" else [
+        str(Path(sys.executable).parent / "lmforge")]
+
+    def lmforge(raise_: str, **env) -> subprocess.CompletedProcess:
+        environ = {k: v for k, v in os.environ.items() if k != "LMFORGE_TRACEBACK"}
+        environ.update(PYTHONPATH=str(tmp_path), LMFORGE_TEST_RAISE=raise_, **env)
+        return subprocess.run([*argv, "info"], capture_output=True, text=True, cwd=ROOT, env=environ, timeout=120)
+
+    for kind in ("ZeroDivisionError", "ValueError"):
+        p = lmforge(f"{kind}:internal {kind}")
+        assert p.returncode == 1, p.stderr
+        assert p.stderr.startswith("Traceback (most recent call last):"), p.stderr
+        assert p.stderr.rstrip().endswith(f"{kind}: internal {kind}") and "error:" not in p.stderr, p.stderr
+    p = lmforge("UserError:train.lr: not a number")
+    assert (p.returncode, p.stderr) == (2, "error: train.lr: not a number\n")
+    p = lmforge("UserError:train.lr: not a number", LMFORGE_TRACEBACK="1")
+    assert p.returncode == 1 and "Traceback" in p.stderr and p.stderr.rstrip().endswith("UserError: train.lr: not a number")

@@ -11,8 +11,8 @@ import sys
 from lmforge import quickstart
 from lmforge.align import commands as align_commands
 from lmforge.command import CliError, Command, run
-from lmforge.config import ConfigError
 from lmforge.data import commands as data_commands
+from lmforge.errors import UserError
 from lmforge.eval import commands as eval_commands
 from lmforge.infer import commands as infer_commands
 from lmforge.model import commands as model_commands
@@ -22,6 +22,13 @@ from lmforge.train import commands as train_commands
 
 STAGES = (quickstart, tokens_commands, train_commands, align_commands, infer_commands, model_commands, serve_commands,
           eval_commands, data_commands)
+# What the CLI reports in one line with exit status 2: bad user input (UserError, under which ConfigError,
+# CliError and every stage's own input errors sit), and a path that is missing, in the way, of the wrong
+# kind or not readable (these OSErrors name the path; on the command line it is almost always one the user
+# gave, such as an out_dir that is a file).
+# Anything else is a bug: it is not caught, so Python prints its traceback and exits with status 1.
+# LMFORGE_TRACEBACK=1 shows the traceback of a one-line error as well.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 USAGE = "usage: lmforge [--version] COMMAND [CONFIG.yaml] [ARG ...] [key.path=value ...] [--flag VALUE ...]"
 
 
@@ -64,6 +71,9 @@ def _find(cmds: list[Command], argv: list[str]) -> Command:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `lmforge ARGV`; the exit status: 0 done, 2 a user error (one line), 130 interrupted.
+
+    An internal error propagates with its traceback (status 1), so a bug is never mistaken for bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cmds = commands()
     if not argv or argv[0] in ("-h", "--help"):
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd = _find(cmds, argv)
         return run(cmd, argv[len(cmd.words):])
-    except (CliError, ConfigError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         if os.environ.get("LMFORGE_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)
