@@ -36,6 +36,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lmforge.errors import UserError
+
 NOBODY = 65534
 FILE_LIMIT_MB = 64
 PROCESS_LIMIT = 256
@@ -78,8 +80,10 @@ SECCOMP_MODE_FILTER, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 2, 0x7FFF0000, 0x000
 EPERM = 1
 
 
-class SandboxUnavailable(RuntimeError):
-    """This machine cannot isolate a program well enough (say, nothing stops writes outside its temp dir)."""
+class SandboxUnavailable(UserError):
+    """This machine cannot isolate a program well enough (say, nothing stops writes outside its temp dir).
+
+    A UserError: the CLI says so in one line (run the code task elsewhere), it is no bug to trace."""
 
 
 @dataclass
