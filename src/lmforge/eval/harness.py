@@ -83,7 +83,7 @@ def run_task(model, task: T.Task, limit: float | None = None, num_fewshot: int |
         how = aggregation.get(metric) or M.DEFAULT_AGGREGATION.get(metric, "mean")
         value, stderr = M.aggregate(how, values, settings.bootstrap_iters)
         out[key] = value
-        if how in ("mean",) or how in M.BOOTSTRAPPED:
+        if how == "mean" or how in M.BOOTSTRAPPED:
             out[f"{metric}_stderr" + (f",{filt}" if filt else "")] = stderr
     if samples is not None:
         samples += _log_records(task, records)
