@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,146 @@ def test_pretrain_help_lists_every_config_key():
                 "train.log_every", "train.eval_every", "train.ckpt_every", "train.parallel", "guards.spike_factor"):
         assert f"  {key}  " in proc.stdout, key
     assert "none|ddp|fsdp" in proc.stdout
+
+
+def test_loss_is_read_from_the_device_once_per_step_not_per_micro_batch(char_shards, tmp_path, monkeypatch):
+    """Count host reads of tensors (item, tolist, float, bool) inside each step's forward/backward: one, however
+    many micro-batches the step accumulates (a read per micro-batch stalls the GPU's queue each time)."""
+    import lmforge.train.loop as loop
+
+    reads: list[int] = []
+    counting = False
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        def read(self, *a, _orig=getattr(torch.Tensor, name), **k):
+            if counting:
+                reads[-1] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    def forward_backward(*args, _orig=loop.forward_backward):
+        nonlocal counting
+        reads.append(0)
+        counting = True
+        try:
+            return _orig(*args)
+        finally:
+            counting = False
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
+
+    s = pretrain(cfg_for(char_shards, tmp_path / "run", "train.max_steps=3", "train.micro_batch_size=1",
+                         "train.grad_accum=4", "train.log_every=3"))
+    assert s["steps"] == 3 and reads == [1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory) -> list[Path]:
+    """Three shard directories of one char tokenizer: two sharded corpora (tokenize --workers) and one train.bin."""
+    from conftest import synthetic_text
+    from lmforge.tokens.shards import write_sharded, write_shards
+
+    d = tmp_path_factory.mktemp("mix")
+    for i in range(4):
+        (d / f"in{i}.txt").write_text(synthetic_text(30_000, seed=10 + i))
+    write_sharded([d / "in0.txt", d / "in1.txt"], "char", d / "web", workers=1)
+    tok = d / "web" / "tokenizer"
+    write_sharded([d / "in2.txt"], tok, d / "books", workers=1)
+    write_shards(d / "in3.txt", tok, d / "code")
+    return [d / "web", d / "books", d / "code"]
+
+
+def test_mixture_token_fractions_match_the_weights_over_1000_steps(three_sources):
+    from lmforge.train.data import MixtureSampler, PretrainData, micro_batches
+    from lmforge.train.config import DataConfig
+
+    weights = {three_sources[0]: 0.5, three_sources[1]: 0.3, three_sources[2]: 0.2}
+    data = PretrainData.open(DataConfig(mix=weights), None)
+    sampler = data.sampler("train", 16, 8, seed=3)
+    assert isinstance(sampler, MixtureSampler)
+    counts = sampler.token_counts(1000)
+    total = sum(counts.values())
+    assert total == 1000 * 8 * 16
+    for name, w in zip(("web", "books", "code"), weights.values()):
+        assert abs(counts[name] / total - w) < 0.01 * w, (name, counts[name] / total, w)
+    # The counts are those of the windows actually drawn, step by step.
+    drawn = np.zeros(3, dtype=int)
+    for step in range(1000):
+        drawn += np.bincount(sampler.starts(step)[0], minlength=3)
+    assert list(drawn * 16) == list(counts.values())
+
+    # A pure function of (seed, step): a fresh sampler (a resumed run) draws the same windows, and two ranks
+    # together draw exactly one rank's windows.
+    again = data.sampler("train", 16, 8, seed=3)
+    for step in (0, 7, 999):
+        for a, b in zip(sampler.starts(step), again.starts(step)):
+            assert np.array_equal(a, b)
+        one = torch.cat([x for x, _ in micro_batches(sampler, step, 2, 4, 0, 1)])
+        two = [list(micro_batches(again, step, 2, 2, r, 2)) for r in range(2)]
+        assert torch.equal(one, torch.cat([two[r][m][0] for m in range(2) for r in range(2)]))
+    assert not np.array_equal(data.sampler("train", 16, 8, seed=4).starts(5)[1], sampler.starts(5)[1])
+
+
+def test_pretrain_on_a_mixture_logs_source_tokens_and_resumes_identically(three_sources, tmp_path):
+    mix = "data.mix={" + ", ".join(f"{p}: {w}" for p, w in zip(three_sources, (5, 3, 2))) + "}"
+    args = ["pretrain", mix, *TINY, "train.max_steps=20", "train.ckpt_every=5", "train.precision=fp32",
+            "train.eval_every=10"]
+    run_cli(*args, f"out_dir={tmp_path / 'full'}")
+    reference = step_losses(tmp_path / "full")
+    last = [r for r in read_metrics(tmp_path / "full") if "loss" in r][-1]
+    per_source = {k: last[f"tokens/{k}"] for k in ("web", "books", "code")}
+    assert sum(per_source.values()) == last["tokens"] == 20 * 4 * 32
+    assert [round(v / last["tokens"], 1) for v in per_source.values()] == [0.5, 0.3, 0.2]
+    assert [r["step"] for r in read_metrics(tmp_path / "full") if "val_loss" in r] == [0, 10, 20]
+
+    out = tmp_path / "killed"
+    kill_after_checkpoint(args, out, "step-0000010", timeout=120)
+    resumed_from = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert resumed_from < 20
+    run_cli(*args, f"out_dir={out}")
+    resumed = step_losses(out)
+    for s in range(resumed_from + 1, 21):
+        assert resumed[s] == reference[s], (s, resumed[s], reference[s])
+    assert [r for r in read_metrics(out) if "loss" in r][-1]["tokens/web"] == per_source["web"]
+
+
+def test_a_sharded_corpus_reads_like_its_concatenation(three_sources, tmp_path):
+    from lmforge.tokens.shards import load_shard, read_meta
+
+    web = three_sources[0]
+    flat = np.concatenate([np.fromfile(web / s["train"], dtype="<u2") for s in read_meta(web)["shards"]])
+    (tmp_path / "flat").mkdir()
+    flat.tofile(tmp_path / "flat" / "train.bin")
+    from lmforge.train.data import WindowSampler
+    a = WindowSampler(load_shard(web, "train"), 32, 8, seed=1)
+    b = WindowSampler(load_shard(tmp_path / "flat", "train", vocab_size=30), 32, 8, seed=1)
+    for step in range(20):
+        assert torch.equal(a.batch(step, 0, 8)[0], b.batch(step, 0, 8)[0])
+    s = pretrain(cfg_for(web, tmp_path / "run", "train.max_steps=3", "train.eval_every=3"))
+    assert s["steps"] == 3 and s["last_val"] is not None
+
+
+@pytest.mark.parametrize("mix, message", [
+    ("{SRC: 1.0, SRC2: 0}", "data.mix: weight of .* must be > 0"),
+    ("{SRC: 1.0, /no/such/dir: 1.0}", "data.mix: source /no/such/dir has no train.bin or meta.json"),
+    ("{}", "data.mix: is empty"),
+])
+def test_bad_mixtures_are_one_line_errors(three_sources, tmp_path, mix, message):
+    mix = mix.replace("SRC2", str(three_sources[1])).replace("SRC", str(three_sources[0]))
+    proc = run_cli("pretrain", f"data.mix={mix}", f"out_dir={tmp_path}", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    import re
+    assert re.search(message, lines[0]), lines[0]
+    with pytest.raises(ConfigError, match="exactly one of data.dir"):
+        load_config(PretrainConfig, None, [f"data.dir={three_sources[2]}", f"data.mix={{{three_sources[2]}: 1}}"])
+
+
+def test_the_example_mixture_config_validates(three_sources):
+    from lmforge.config import read_yaml
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "mixture.yaml"
+    assert list(read_yaml(example)["data"]["mix"].values()) == [6, 3, 1]
+    mix = "data.mix={" + ", ".join(f"{p}: {w}" for p, w in zip(three_sources, (6, 3, 1))) + "}"
+    cfg = load_config(PretrainConfig, example, [mix])
+    assert list(cfg.data.mix.values()) == [6, 3, 1] and cfg.data.dir is None
+    with pytest.raises(ConfigError, match="data.mix: source data/web has no train.bin or meta.json"):
+        load_config(PretrainConfig, example)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import require
+from lmforge.errors import UserError
 from lmforge.data.readers import ReadReport, iter_texts
-from lmforge.tokens.shards import load_shard, read_meta, token_dtype, write_shards
+from lmforge.tokens.shards import load_shard, read_meta, token_dtype, write_sharded, write_shards
 from lmforge.tokens.tokenizer import EOS, build_char_tokenizer, encode_batch, load_tokenizer, train_bpe
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -245,3 +246,98 @@ def test_val_fraction_is_checked(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         write_shards(tmp_path / "in.txt", "char", tmp_path / "out", val_fraction=1.0)
     assert not (tmp_path / "out").exists()
+
+
+def _corpus(d: Path, n_files: int = 5, n_chars: int = 40_000) -> Path:
+    """Plain-text and JSONL inputs in one directory: single-document and many-document files."""
+    from conftest import synthetic_text
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (d / f"book{i:02d}.txt").write_text(synthetic_text(n_chars, seed=i))
+    lines = synthetic_text(n_chars, seed=99).splitlines()
+    (d / "posts.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[j:j + 5])}) + "\n"
+                                           for j in range(0, len(lines), 5)))
+    return d
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_sharded_tokenize_with_two_workers_equals_one_worker_byte_for_byte(tmp_path):
+    from conftest import run_cli
+
+    inputs = _corpus(tmp_path / "in")
+    write_sharded(inputs, "char", tmp_path / "w1", workers=1)
+    proc = run_cli("tokenize", str(inputs), "--tokenizer", "char", "--out", str(tmp_path / "w2"), "--workers", "2")
+    assert "docs/s" in proc.stderr and "tokens/s" in proc.stderr, proc.stderr
+    one, two = _tree(tmp_path / "w1"), _tree(tmp_path / "w2")
+    assert len([k for k in one if k.endswith(".train.bin")]) == 6
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one), [k for k in one if one[k] != two.get(k)]
+
+    meta = read_meta(tmp_path / "w1")
+    assert Path(meta["tokenizer"]) == (tmp_path / "w1" / "tokenizer").resolve()  # stored relative, read absolute
+    # Each file is split as write_shards splits it alone, with the same tokenizer.
+    write_shards(inputs / "book00.txt", meta["tokenizer"], tmp_path / "alone")
+    assert (tmp_path / "w1" / "shards" / "00000.train.bin").read_bytes() == (tmp_path / "alone" / "train.bin").read_bytes()
+    # The corpus reads as one sequence: the shards concatenated in input order.
+    train = load_shard(tmp_path / "w1", "train")
+    flat = np.concatenate([np.fromfile(tmp_path / "w1" / s["train"], dtype="<u2") for s in meta["shards"]])
+    assert len(train) == len(flat) == meta["n_tokens"]["train"]
+    idx = np.random.default_rng(0).integers(0, len(flat), size=(50, 33))
+    assert np.array_equal(train[idx], flat[idx])
+    ends = np.cumsum([s["n_tokens"]["train"] for s in meta["shards"]])
+    across = np.arange(ends[0] - 3, ends[0] + 3)  # a window across a shard boundary
+    assert np.array_equal(train[across], flat[across])
+
+
+def test_sharded_tokenize_resumes_after_sigkill_without_redoing_finished_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    inputs = _corpus(tmp_path / "in", n_files=12, n_chars=400_000)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "lmforge", "tokenize", str(inputs), "--tokenizer", "char", "--out", str(out),
+            "--workers", "1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "shards" / "00001.json").is_file():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "shards").glob("*.json"))
+    assert 2 <= len(done) < 13, len(done)
+    assert not (out / "meta.json").exists()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in done}
+
+    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"13 input files, {len(done)} already done, {13 - len(done)} to do" in rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in done} == mtimes  # finished files were not redone
+    write_sharded(inputs, "char", tmp_path / "clean", workers=1)
+    resumed, clean = _tree(out), _tree(tmp_path / "clean")
+    assert resumed.keys() == clean.keys() and all(resumed[k] == clean[k] for k in clean)
+
+    # A changed input invalidates its marker (and only its): that file alone is redone.
+    os.utime(inputs / "book03.txt", ns=(time.time_ns(), time.time_ns()))
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "13 input files, 12 already done, 1 to do" in again.stderr, again.stderr
+
+
+def test_an_index_that_does_not_match_its_shards_is_a_user_error(tmp_path):
+    write_sharded(_corpus(tmp_path / "in", n_files=2, n_chars=5_000), "char", tmp_path / "out", workers=1)
+    shard = tmp_path / "out" / "shards" / "00001.train.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(UserError, match=r"meta.json does not match its shards: .*00001.train.bin has \d+ bytes"):
+        load_shard(tmp_path / "out", "train")
+    shard.unlink()
+    with pytest.raises(UserError, match=r"shard 1 .*00001.train.bin is missing"):
+        read_meta(tmp_path / "out")
+    with pytest.raises(UserError, match="workers must be >= 1"):
+        write_sharded(tmp_path / "in", "char", tmp_path / "out", workers=0)

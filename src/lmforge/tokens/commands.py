@@ -24,6 +24,9 @@ class TokenizeConfig(Strict):
     out: Path = Field(description="output directory for train.bin, val.bin and meta.json")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="fraction held out for validation")
     text_field: str = Field("text", description="JSON field holding the text")
+    workers: int = Field(0, ge=0, description="0: one process writes train.bin/val.bin; N >= 1: N processes, one "
+                                              "shard pair per input file under out/shards plus the meta.json "
+                                              "index, resumable per file (same bytes for any N)")
 
 
 def run_tokenizer_train(cfg: TokenizerTrainConfig) -> int:
@@ -36,13 +39,19 @@ def run_tokenizer_train(cfg: TokenizerTrainConfig) -> int:
 
 
 def run_tokenize(cfg: TokenizeConfig) -> int:
-    from lmforge.tokens.shards import write_shards
+    from lmforge.tokens.shards import write_sharded, write_shards
 
-    meta = write_shards(cfg.inputs, cfg.tokenizer, cfg.out, val_fraction=cfg.val_fraction, text_field=cfg.text_field)
+    if cfg.workers:
+        meta = write_sharded(cfg.inputs, cfg.tokenizer, cfg.out, val_fraction=cfg.val_fraction,
+                             text_field=cfg.text_field, workers=cfg.workers)
+    else:
+        meta = write_shards(cfg.inputs, cfg.tokenizer, cfg.out, val_fraction=cfg.val_fraction,
+                            text_field=cfg.text_field)
     n_tok, n_docs = meta["n_tokens"], meta.get("n_docs") or {}
+    shards = f"{len(meta['shards'])} shard pairs + index " if "shards" in meta else ""
     print(f"train: {n_tok['train']:,} tokens ({n_docs.get('train', '?')} docs); "
           f"val: {n_tok['val']:,} tokens ({n_docs.get('val', '?')} docs); vocab {meta['vocab_size']}; "
-          f"written to {cfg.out}")
+          f"{shards}written to {cfg.out}")
     if meta.get("skipped"):
         print(f"skipped: {json.dumps(meta['skipped'])}; first: {'; '.join(meta.get('skipped_examples', []))}")
     return 0

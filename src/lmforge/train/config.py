@@ -18,18 +18,49 @@ def check_resume(v: str) -> str:
     return v
 
 
+def _is_shard_dir(v: Path) -> bool:
+    """A token-shard directory: nanoGPT's train.bin, or a meta.json (a sharded corpus's index)."""
+    return (v / "train.bin").is_file() or (v / "meta.json").is_file()
+
+
 class DataConfig(Strict):
-    dir: Path = Field(description="directory with train.bin, val.bin and meta.json (lmforge tokenize, or nanoGPT's prepare.py)")
+    dir: Path | None = Field(None, description="token shards: a directory with train.bin, val.bin and meta.json "
+                                               "(lmforge tokenize, or nanoGPT's prepare.py) or a sharded corpus "
+                                               "(tokenize --workers N)")
+    mix: dict[Path, float] | None = Field(None, description="instead of dir: {shard dir: weight, ...}; each window's "
+                                                            "source is drawn by weight (weights are normalised)")
     # random: nanoGPT-style random windows; sequential: consecutive windows, epoch after epoch.
     sampling: Literal["random", "sequential"] = "random"
     seq_len: int | None = Field(None, gt=1, description="window length; default model.max_seq_len")
 
     @field_validator("dir")
     @classmethod
-    def _exists(cls, v: Path) -> Path:
-        if not (v / "train.bin").is_file():
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not _is_shard_dir(v):
             raise ValueError(f"{v}/train.bin does not exist (make it with `lmforge tokenize`)")
         return v
+
+    @field_validator("mix")
+    @classmethod
+    def _sources(cls, v: dict[Path, float] | None) -> dict[Path, float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("is empty; give {shard dir: weight, ...} or use data.dir")
+        for path, weight in v.items():
+            if not weight > 0:
+                raise ValueError(f"weight of {path} must be > 0, got {weight}")
+            if not _is_shard_dir(path):
+                raise ValueError(f"source {path} has no train.bin or meta.json (make it with `lmforge tokenize`)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dir is None) == (self.mix is None):
+            raise ValueError("give exactly one of data.dir (one corpus) or data.mix ({shard dir: weight})")
+        if self.mix is not None and self.sampling == "sequential":
+            raise ValueError("data.sampling=sequential is not supported with data.mix; use random")
+        return self
 
 
 class TrainConfig(Strict):

@@ -9,10 +9,9 @@ from lmforge.config import dump_config
 from lmforge.errors import UserError
 from lmforge.model.build import build_model
 from lmforge.model.config import n_params
-from lmforge.tokens.shards import load_shard, read_meta
 from lmforge.train.checkpoint import write_model_dir
 from lmforge.train.config import PretrainConfig
-from lmforge.train.data import WindowSampler, micro_batches
+from lmforge.train.data import MixtureSampler, PretrainData, SourceTokens, micro_batches
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.train.loop import Job, RunSpec, train
 from lmforge.train.metrics import flops_per_token
@@ -24,12 +23,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tc = cfg.train
     rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
-        meta = read_meta(cfg.data.dir, vocab_size=cfg.model.vocab_size)
+        data = PretrainData.open(cfg.data, cfg.model.vocab_size)
+        meta = data.meta
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = int(meta["vocab_size"])
         elif cfg.model.vocab_size < int(meta["vocab_size"]):
             raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the shards' "
-                             f"vocab_size {meta['vocab_size']} ({cfg.data.dir}/meta.json)")
+                             f"vocab_size {meta['vocab_size']} ({data.names[0]}/meta.json)")
         seq_len = cfg.data.seq_len or cfg.model.max_seq_len
         if seq_len > cfg.model.max_seq_len:
             raise UserError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
@@ -38,14 +38,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if rt.is_main:
             dump_config(cfg, cfg.out_dir / "config.yaml")
         global_batch = tc.micro_batch_size * tc.grad_accum * rt.world_size
-        train_sampler = WindowSampler(load_shard(cfg.data.dir, "train", cfg.model.vocab_size), seq_len,
-                                      global_batch, cfg.seed, cfg.data.sampling)
-        val_path = Path(cfg.data.dir) / "val.bin"
-        val_tokens = load_shard(cfg.data.dir, "val", cfg.model.vocab_size) if val_path.is_file() else None
+        train_sampler = data.sampler("train", seq_len, global_batch, cfg.seed)
 
         def eval_batches(micro_bs: int, rank: int, world: int):
             # A fixed set: batch i of every eval is the same windows (the sampler keyed by seed + 1, step i).
-            sampler = WindowSampler(val_tokens, seq_len, micro_bs, cfg.seed + 1)
+            sampler = data.sampler("val", seq_len, micro_bs, cfg.seed + 1)
             for i in range(rank, tc.eval_batches, world):
                 yield sampler.batch(i, 0, micro_bs)
 
@@ -55,18 +52,21 @@ def pretrain(cfg: PretrainConfig) -> dict:
         job = Job(
             model=built.module, objective=causal_lm,
             train_batches=lambda step, mbs, acc, rank, world: micro_batches(train_sampler, step, mbs, acc, rank, world),
-            eval_batches=eval_batches if val_tokens is not None and len(val_tokens) > seq_len + 1 else None,
+            eval_batches=eval_batches if data.has_val(seq_len) else None,
             save_model=lambda d, sd: write_model_dir(d, built.export(sd), hf_config, tok_dir, meta.get("eos_id")),
             load_model=lambda d: built.import_weights(load_file(str(d / "model.safetensors"))),
             tokens_per_step=global_batch * seq_len, blocks=built.blocks,
             flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len,
                                             cfg.model.vocab_size),
+            metrics=SourceTokens(train_sampler) if isinstance(train_sampler, MixtureSampler) else None,
         )
         spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"))
         summary = train(job, spec, rt)
         summary["n_params"] = n_params(cfg.model, include_embeddings=True)
         summary["tokens_per_step"] = job.tokens_per_step
         summary["rank"] = rt.rank
+        if isinstance(train_sampler, MixtureSampler):
+            summary["source_tokens"] = train_sampler.token_counts(summary["steps"])
         return summary
     finally:
         shutdown(rt)
