@@ -12,6 +12,7 @@ import torch
 
 from conftest import TINY, events, kill_after_checkpoint, read_metrics, run_cli, step_losses
 from lmforge.config import ConfigError, load_config
+from lmforge.errors import UserError
 from lmforge.train.config import PretrainConfig
 from lmforge.train.pretrain import pretrain
 
@@ -265,7 +266,9 @@ def test_a_sharded_corpus_reads_like_its_concatenation(three_sources, tmp_path):
     (tmp_path / "flat").mkdir()
     flat.tofile(tmp_path / "flat" / "train.bin")
     from lmforge.train.data import WindowSampler
-    a = WindowSampler(load_shard(web, "train"), 32, 8, seed=1)
+    tokens = load_shard(web, "train")
+    assert len(tokens.parts) == 2 and all(isinstance(p, np.memmap) for p in tokens.parts)  # mapped, never loaded
+    a = WindowSampler(tokens, 32, 8, seed=1)
     b = WindowSampler(load_shard(tmp_path / "flat", "train", vocab_size=30), 32, 8, seed=1)
     for step in range(20):
         assert torch.equal(a.batch(step, 0, 8)[0], b.batch(step, 0, 8)[0])
@@ -299,3 +302,14 @@ def test_the_example_mixture_config_validates(three_sources):
     assert list(cfg.data.mix.values()) == [6, 3, 1] and cfg.data.dir is None
     with pytest.raises(ConfigError, match="data.mix: source data/web has no train.bin or meta.json"):
         load_config(PretrainConfig, example)
+
+
+def test_mixture_sources_must_share_one_vocabulary(three_sources, tmp_path):
+    from lmforge.tokens.shards import write_shards
+    from lmforge.train.config import DataConfig
+    from lmforge.train.data import PretrainData
+
+    (tmp_path / "other.txt").write_text("xyz " * 100)
+    write_shards(tmp_path / "other.txt", "char", tmp_path / "other")
+    with pytest.raises(UserError, match=r"^data.mix: .*other has vocab_size 5 and eos_id 4, .*web has 30 and 29; tokenize every source with one tokenizer$"):
+        PretrainData.open(DataConfig(mix={three_sources[0]: 1, tmp_path / "other": 1}), None)
