@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, require
 from lmforge.model.config import ModelConfig
 
 spec = importlib.util.spec_from_file_location("summarize_metrics", ROOT / "bench" / "summarize_metrics.py")
@@ -69,3 +69,55 @@ def test_summary_without_mfu_says_na(tmp_path):
     assert row["mfu"] is None and row["tokens_per_sec"] == 25.0
     text = summarize_metrics.table([row], "cpu")
     assert "| 1b | 1b | 2048 | 16 | 3 | 25 | n/a | ≥ 50 % | 1.00 |" in text
+
+
+GPU_CHECK_ROWS = ("environment", "pretrain 124m", "pretrain 1b", "FSDP checkpoint + resume", "~1B test model",
+                  "QLoRA finetune", "serving engine, 8 in flight", "serving engine, 32 in flight",
+                  "eval perplexity, bf16")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_fills_every_row_of_its_table(tmp_path):
+    require("bitsandbytes", why="the qlora section")
+    require("peft", why="the qlora section")
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_TMP": str(tmp_path / "work"), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert table in proc.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| check", "| ---"))]
+    assert len(rows) == len(GPU_CHECK_ROWS), table
+    for label, line in zip(GPU_CHECK_ROWS, rows):
+        assert line.startswith(f"| {label}"), (label, line)
+        assert "FAILED" not in line and "skipped" not in line, line
+    numbers = {label: line for label, line in zip(GPU_CHECK_ROWS, rows)}
+    assert re.search(r"\| MFU n/a, [\d,]+ tokens/s, peak [\d.]+ GB \|", numbers["pretrain 1b"])
+    # Resuming from the step-4 checkpoint reproduces the uninterrupted run exactly on CPU in fp32.
+    assert "ok: resumed at step 4, max loss difference over steps 5-8 = 0.0e+00" in numbers["FSDP checkpoint + resume"]
+    for c in (8, 32):
+        assert re.search(rf"\| [\d,]+ output tokens/s \| {2 * c} requests x 8 tokens", numbers[f"serving engine, {c} in flight"])
+    assert re.search(r"\| [\d,]+ tokens/s, peak [\d.]+ GB \|", numbers["QLoRA finetune"])
+    assert re.search(r"\| token ppl [\d.]+, [\d,]+ tokens/s", numbers["eval perplexity, bf16"])
+
+
+@pytest.mark.slow
+def test_gpu_check_reports_a_failing_section_and_runs_the_rest(tmp_path):
+    """A section that breaks gets FAILED and its one-line reason in its row, the sections after it still
+    run, and the script exits 1. The break: a Python that dies on the model section's build script."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "if [[ ${1:-} == - && ${2:-} == */model ]]; then echo 'ImportError: no CUDA torch here' >&2; exit 1; fi\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "BENCH_TMP": str(tmp_path / "work"), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-5000:] + proc.stderr[-3000:]
+    rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert "| FAILED: ImportError: no CUDA torch here |" in rows["~1B test model (preset 1b, random init)"]
+    for label in ("QLoRA finetune of the ~1B model", "serving engine, 8 in flight", "serving engine, 32 in flight",
+                  "eval perplexity, bf16"):
+        assert "| FAILED: the model section did not build " in rows[label], rows[label]
+    for label in ("environment", "pretrain 124m (compile, flash SDPA, bf16)", "FSDP checkpoint + resume (124m)"):
+        assert "FAILED" not in rows[label], rows[label]
