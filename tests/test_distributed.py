@@ -29,18 +29,20 @@ COMMON = [
 ]
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+                        "LMFORGE_DEBUG_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
-def run_pretrain(data: Path, out: Path, *overrides: str, nproc: int = 1, check: bool = True):
+def run_pretrain(data: Path, out: Path, *overrides: str, nproc: int = 1, check: bool = True,
+                 env: dict[str, str] | None = None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "lmforge", "pretrain", f"data.dir={data}", f"out_dir={out}", *COMMON, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(**(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -144,6 +146,31 @@ def test_two_process_run_resumes_like_uninterrupted(data, runs, tmp_path, parall
     for s in range(11, STEPS + 1):
         assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], abs=1e-6), f"loss at step {s}"
     assert val_lines(out)[STEPS] == pytest.approx(val_lines(full_out)[STEPS], abs=1e-6)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_oom_and_nan_on_one_rank_are_acted_on_by_both(data, tmp_path, parallel):
+    """An OOM at step 3 and a NaN loss at step 6, both on rank 1 only (the LMFORGE_DEBUG_RANK test hook): both
+    ranks back off to micro-batch 2 x 2 and both skip step 6, so every loss equals that of a run started at
+    micro-batch 2 x 2 whose NaN strikes every rank. A rank acting alone would train on other windows (or with a
+    NaN update) and the losses would part."""
+    short = ("train.max_steps=8", f"train.parallel={parallel}", "train.eval_every=0")
+    out, ref_out = tmp_path / "one_rank", tmp_path / "small_micro"
+    run_pretrain(data, out, *short, "train.micro_batch_size=4", "train.grad_accum=1", "guards.debug_oom_steps=[3]",
+                 "guards.debug_nan_steps=[6]", nproc=2, env={"LMFORGE_DEBUG_RANK": "1"})
+    run_pretrain(data, ref_out, *short, "train.micro_batch_size=2", "train.grad_accum=2",
+                 "guards.debug_nan_steps=[6]", nproc=2)
+    got, ref = train_lines(out), train_lines(ref_out)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    assert [(e["step"], e["event"]) for e in records(out) if e.get("event") in ("oom", "skip_nonfinite")] \
+        == [(3, "oom"), (6, "skip_nonfinite")]
+    assert [r["micro_batch_size"] for r in got.values()] == [4, 4, 2, 2, 2, 2, 2, 2]
+    assert [r["grad_accum"] for r in got.values()] == [1, 1, 2, 2, 2, 2, 2, 2]
+    for s in ref:
+        if s == 6:
+            assert got[s]["loss"] != got[s]["loss"] and ref[s]["loss"] != ref[s]["loss"]  # NaN in both
+            continue
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-5), f"loss at step {s}"
 
 
 def test_several_processes_need_a_parallel_mode(monkeypatch):

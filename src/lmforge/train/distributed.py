@@ -100,7 +100,34 @@ def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
+def step_totals(loss_sum: torch.Tensor, counts: list[float], rt: Runtime) -> list[float]:
+    """Sum a step's device-side loss and its host-side counts over ranks, and read them: the step's one host sync.
+
+    One collective carries all of them (float64 on the wire, as in `all_reduce_sum`; float32 on MPS, which has none).
+    """
+    dtype = torch.float32 if loss_sum.device.type == "mps" else torch.float64
+    t = torch.cat([loss_sum.reshape(1).to(dtype), torch.tensor(counts, dtype=dtype).to(loss_sum.device)])
+    if rt.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """Whether `flag` is set on any rank (a MAX all-reduce); every rank gets the same answer."""
+    return all_reduce_max(int(flag), rt) > 0
+
+
+def first_collective_micro(model: nn.Module, n_micro: int) -> int:
+    """Index of a step's first micro-batch whose forward or backward runs a collective, for a wrapped model.
+
+    Ranks must agree on an out-of-memory error before it: DDP's is the last (its backward all-reduces the
+    gradients; the others run under no_sync), FSDP's the first (every forward all-gathers parameters).
+    """
+    return n_micro - 1 if hasattr(model, "no_sync") else 0
+
+
 def all_reduce_max(value: int, rt: Runtime) -> int:
+    """The maximum of an integer over ranks."""
     if not rt.distributed:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=rt.device if rt.device.type == "cuda" else "cpu")
