@@ -270,7 +270,7 @@ def test_sampled_pass_at_k_equals_lm_eval_on_the_same_samples(tmp_path):
 
     (tmp_path / "he4").mkdir()
     (tmp_path / "he4" / "lmforge_utils.py").write_text((T.BUILTIN_DIR / "utils.py").read_text())
-    task = T.load_task(str(sampled_humaneval(tmp_path, "lmforge_utils.pass_at_k", False)))
+    task = G.load([str(sampled_humaneval(tmp_path, "lmforge_utils.pass_at_k", False))])[0]
     table = {i: [RIGHT[i]] * i + [WRONG] * (4 - i) for i in range(4)}  # problem i: i of 4 samples right
     model = Sampler(table)
     records: list = []

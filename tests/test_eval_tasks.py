@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import OFFLINE, ROOT, require, run_cli, save_tiny
+from lmforge.eval import groups as G
 from lmforge.eval import harness
 from lmforge.eval import tasks as T
 
@@ -88,7 +89,7 @@ def test_builtin_prompts_equal_lm_evals(tmp_path, gsm8k_dir, name, shots):
     from lm_eval.tasks import TaskManager, get_task_dict
 
     path = local_yaml(tmp_path, name, gsm8k_dir if name == "gsm8k" else DATA)
-    ours = T.load_task(str(path))
+    ours = G.load([str(path)])[0]
     theirs = get_task_dict([f"{name}_local"], TaskManager(include_path=str(path.parent)))[f"{name}_local"]
     theirs.set_fewshot_seed(seed=T.FEWSHOT_SEED)
     theirs.set_config(key="num_fewshot", value=shots)
@@ -132,7 +133,7 @@ def test_multiple_choice_yaml_equals_lm_eval_hf(tmp_path, tiny):
 
     from lmforge.eval.lm import EvalModel  # and every choice's log-likelihood, not only the argmax
     model = EvalModel.load(str(tiny), device="cpu")
-    task_obj = T.load_task(str(task))
+    task_obj = G.load([str(task)])[0]
     reqs = our_requests(task_obj, 3, 30)
     lls = [ll for ll, _ in model.loglikelihood([model.encode_pair(c, x) for c, x in reqs])]
     flat = [float(x) for doc in want_lls for x in doc]  # lm-eval logs them as strings
@@ -152,7 +153,7 @@ def test_smollm2_matches_lm_eval_hf_numbers(smollm2_cache):
 
 def test_gsm8k_exact_match_on_gsm8k_shaped_data(gsm8k_dir):
     """lm-eval's two GSM8K extractions: `#### N` (strict) and the last number (flexible)."""
-    task = T.load_task("gsm8k", gsm8k_dir)
+    task = G.load(["gsm8k"], gsm8k_dir)[0]
     golds = [d["answer"].split("#### ")[-1] for d in task.docs]
     answers = {0: f"Some steps.\n#### {golds[0]}",           # strict and flexible
                1: f"So the answer is {golds[1]}.",             # flexible only: no ####
@@ -191,7 +192,7 @@ def test_humaneval_pass_at_1_in_the_sandbox(tmp_path):
                1: "    return n % 2 == 1\n",
                2: "    while True:\n        pass\n",
                3: f"    open({str(victim)!r}, 'w').write('x')\n    return s[::-1]\n"}
-    task = T.load_task("humaneval", DATA)
+    task = G.load(["humaneval"], DATA)[0]
     r = harness.run_task(Recorder(answers), task)
     assert r["pass@1,create_test"] == pytest.approx(0.25)
     assert not victim.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.eval import tasks as T
+from lmforge.eval.harness import logged_arguments, strings
 from lmforge.eval.lm import EvalModel
 
 
@@ -137,7 +138,5 @@ def evaluate_with_lm_eval(em: EvalModel, names: list[str], manager, *, limit: fl
 def _as_logged(record: dict) -> dict:
     """An lm-eval sample record as its --log_samples file holds it (EvaluationTracker.save_results_samples):
     arguments as gen_args_i/arg_j, responses with every leaf a string, the target a string."""
-    from lmforge.eval.harness import logged_arguments, strings
-
     return {**record, "target": str(record["target"]), "resps": strings(record["resps"]),
             "filtered_resps": strings(record["filtered_resps"]), "arguments": logged_arguments(record["arguments"])}

@@ -163,7 +163,9 @@ def run_tasks(cfg: TasksConfig) -> int:
         names, manager = lm_eval_tasks(cfg.tasks, cfg.include_path)
         items = []
     else:
-        items = harness.load_tasks(cfg.tasks, cfg.data_dir, cfg.include_path)
+        from lmforge.eval.groups import load
+
+        items = load(cfg.tasks, cfg.data_dir, cfg.include_path)  # every task's definition and data, before the model
         refused = harness.unsafe(items)
         if refused and not cfg.confirm_run_unsafe_code:
             raise CliError(f"task {refused[0]}; pass --confirm-run-unsafe-code to run it anyway (lmforge's "

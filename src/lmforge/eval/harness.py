@@ -248,11 +248,6 @@ def _log_records(task: T.Task, records: list[_Doc]) -> list[dict]:
     return out
 
 
-def load_tasks(specs: list[str], data_dir: Path | None = None, include: list[Path] | None = None) -> list:
-    """Every task and group, with its data, checked before a model is loaded."""
-    return G.load(specs, data_dir, include)
-
-
 def leaf_tasks(items: list) -> list[T.Task]:
     """The tasks to run, each once, in order."""
     seen: dict[str, T.Task] = {}

@@ -127,31 +127,6 @@ class Task:
         return [dict(e) for e in entries]
 
 
-def resolve(spec: str) -> Path:
-    """A task name (built-in) or a path to a task YAML."""
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml"):
-        return path
-    builtin = BUILTIN_DIR / f"{spec}.yaml"
-    if builtin.is_file():
-        return builtin
-    raise TaskError(f"unknown task {spec!r}: give a task YAML or one of {', '.join(builtin_names())} "
-                    "(any lm-eval task runs with --bridge lm-eval)")
-
-
-def builtin_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
-
-
-def load_task(spec: str, data_dir: Path | None = None) -> Task:
-    """Read and check one task definition (a built-in name or a YAML path), then load its documents."""
-    path = resolve(spec)
-    cfg = read_task_yaml(path)
-    if isinstance(cfg.get("task"), list) or "group" in cfg and "task" not in cfg:
-        raise TaskError(f"{path}: a group of tasks, not one task (`eval tasks` runs groups)")
-    return make_task(cfg, path, data_dir)
-
-
 AGGREGATIONS = ("mean", "median", "perplexity", "weighted_perplexity", "bits_per_byte", "f1", "matthews_corrcoef")
 
 
