@@ -16,12 +16,13 @@ from lmforge.errors import UserError
 from lmforge.eval import commands as eval_commands
 from lmforge.infer import commands as infer_commands
 from lmforge.model import commands as model_commands
+from lmforge.plan import commands as plan_commands
 from lmforge.serve import commands as serve_commands
 from lmforge.tokens import commands as tokens_commands
 from lmforge.train import commands as train_commands
 
 STAGES = (quickstart, tokens_commands, train_commands, align_commands, infer_commands, model_commands, serve_commands,
-          eval_commands, data_commands)
+          eval_commands, data_commands, plan_commands)
 # What the CLI reports in one line with exit status 2: bad user input (UserError, under which ConfigError,
 # CliError and every stage's own input errors sit), and a path that is missing, in the way, of the wrong
 # kind or not readable (these OSErrors name the path; on the command line it is almost always one the user
