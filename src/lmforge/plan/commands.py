@@ -1,6 +1,7 @@
 """`lmforge plan ...`: estimate a job's memory (and cost) before it runs, from the configs the stages use."""
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,4 +44,12 @@ COMMANDS = [
             description="Estimate weights, gradients, optimizer states, activations, KV cache and allocator overhead "
                         "per device for a pretrain, finetune or align CONFIG.yaml (with key=value overrides), or for "
                         "--model PRESET|MODEL --method full|lora|qlora; from formulas, without building the model."),
+    Command("plan cost", "training FLOPs, GPU-hours and dollars; serving $/M tokens; API vs self-host breakeven",
+            lambda: import_module("lmforge.plan.cost").PlanCostConfig,
+            lambda cfg: import_module("lmforge.plan.cost").plan_cost_main(cfg), positionals=("what",),
+            aliases={"--json": "json_out"},
+            description="guide (default): the guide's 7B/1T and 70B/2T A100 scenarios and its breakeven, recomputed; "
+                        "train: FLOPs (6ND + attention), GPU-hours at an assumed or measured (--run) MFU, wall time, "
+                        "dollars; serve: $ per million tokens from --tokens-per-sec, --bench or --metrics-url; "
+                        "breakeven: API vs self-hosting with whole replicas counted."),
 ]
