@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lmforge import quickstart
+from lmforge import doctor, quickstart
 from lmforge.align import commands as align_commands
 from lmforge.command import CliError, Command, run
 from lmforge.data import commands as data_commands
@@ -22,7 +22,7 @@ from lmforge.tokens import commands as tokens_commands
 from lmforge.train import commands as train_commands
 
 STAGES = (quickstart, tokens_commands, train_commands, align_commands, infer_commands, model_commands, serve_commands,
-          eval_commands, data_commands, plan_commands)
+          eval_commands, data_commands, plan_commands, doctor)
 # What the CLI reports in one line with exit status 2: bad user input (UserError, under which ConfigError,
 # CliError and every stage's own input errors sit), and a path that is missing, in the way, of the wrong
 # kind or not readable (these OSErrors name the path; on the command line it is almost always one the user
