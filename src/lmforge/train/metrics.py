@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -35,6 +36,43 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+class GpuMonitor:
+    """NVML readings of this process's CUDA device for train lines: memory in use (the whole device, as
+    nvidia-smi shows it, unlike mem_gb's allocator peak) and utilisation (percent of time a kernel ran)."""
+
+    def __init__(self, nvml, handle):
+        self.nvml, self.handle = nvml, handle
+
+    def read(self) -> dict:
+        try:
+            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+        except self.nvml.NVMLError:  # a transient driver error costs one line's readings, not the run
+            return {}
+        return {"gpu_mem_gb": mem.used / 1e9, "gpu_util": float(util.gpu)}
+
+
+def gpu_monitor() -> GpuMonitor | str | None:
+    """A GpuMonitor when this process trains on CUDA (the engine has initialised it) and pynvml (the
+    nvidia-ml-py package) imports; the reason NVML failed as a string; None on CPU or without pynvml."""
+    if not torch.cuda.is_initialized():
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        index = torch.cuda.current_device()
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        entry = visible[index] if index < len(visible) else str(index)  # CUDA's index -> NVML's device
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(entry))
+        return GpuMonitor(pynvml, handle)
+    except pynvml.NVMLError as e:
+        return f"NVML: {e}"
+
+
 class StepMetrics:
     """Weighted means of an objective's extra numbers since they were last taken, per mode (train or eval)."""
 
@@ -65,6 +103,10 @@ class MetricsLogger:
         if not enabled:
             return
         self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self.gpu = gpu_monitor()
+        if isinstance(self.gpu, str):
+            self.event(start_step, "nvml_unavailable", f"{self.gpu}; train lines carry no gpu_mem_gb/gpu_util")
+            self.gpu = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -84,6 +126,8 @@ class MetricsLogger:
     def train(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self.gpu:
+            record.update(self.gpu.read())
         self._write(record)
         step = record["step"]
         for k, v in record.items():
