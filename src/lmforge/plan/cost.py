@@ -204,10 +204,12 @@ LLAMA2_GPU_HOURS = {"7b": 184_320, "70b": 1_720_320}
 # 1K tokens ($2 per million). Its formula (daily cost / API price per token) gives 3,500,000 tokens/day; the text
 # prints "Breakeven at 3,333,333 tokens/day" (what $6.67 a day, i.e. $200 a 30-day month, would give).
 GUIDE_BREAKEVEN = {"usd_per_day": 7.0, "api_usd_per_million": 2.0, "printed": "Breakeven at 3,333,333 tokens/day"}
-# Throughputs the guide's example is checked at when no measurement is given: one slow stream, the rate one replica
-# needs to serve the guide's volume, and lmforge serve's measured 160.6 tok/s (SmolLM2-135M, 2 CPU cores,
-# concurrency 8; bench/RESULTS.md).
-GUIDE_THROUGHPUTS = (20.0, 3_500_000 / SECONDS_PER_DAY, 160.6)
+# Throughputs the guide's example is checked at when no measurement is given.
+GUIDE_THROUGHPUTS = (
+    Throughput(20.0, "assumed: one slow stream"),
+    Throughput(3_500_000 / SECONDS_PER_DAY, "assumed: exactly the guide's 3.5M tokens/day on one replica"),
+    Throughput(160.6, "measured: lmforge serve, SmolLM2-135M, 2 CPU cores, concurrency 8, bench/RESULTS.md"),
+)
 
 
 @dataclass(frozen=True)
@@ -276,9 +278,9 @@ def breakeven_text(b: Breakeven) -> list[str]:
                      f"API's ${b.api_usd_per_million:g}/M (the price-only volume needs "
                      f"{math.ceil(b.price_only_tokens_per_day / b.replica_tokens_per_day)} replica(s))")
     else:
-        lines.append(f"  with capacity: {b.tokens_per_day:,.0f} tokens/day; k replicas beat the API from "
-                     f"k x {b.tokens_per_day:,.0f} to k x {b.replica_tokens_per_day:,.0f} tokens/day, the API wins "
-                     f"in between")
+        lines.append(f"  with capacity: {b.tokens_per_day:,.0f} tokens/day; k replicas are cheaper than the API "
+                     f"from k x {b.tokens_per_day:,.0f} to k x {b.replica_tokens_per_day:,.0f} tokens/day (the API "
+                     f"wins in any gap between those ranges)")
     if b.daily_tokens is not None:
         verdict = "the same cost" if b.cheaper == "equal" else f"{b.cheaper} is cheaper"
         lines.append(f"  at {b.daily_tokens:,} tokens/day: {b.replicas} replica(s) ${b.self_host_usd_per_day:,.2f}/day"
@@ -325,9 +327,8 @@ def plan_cost(cfg: PlanCostConfig) -> dict:
                                     seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, mfu_source=mfu_source)}
     throughput = _throughput(cfg)
     if cfg.what == "guide":
-        measured = [throughput] if throughput else [Throughput(t, "assumed") for t in GUIDE_THROUGHPUTS[:2]] + [
-            Throughput(GUIDE_THROUGHPUTS[2], "lmforge serve, SmolLM2-135M, 2 CPU cores, bench/RESULTS.md")]
-        return {"guide": guide_report(gpu, mfu, cfg.gpus, measured, mfu_source=mfu_source)}
+        throughputs = [throughput] if throughput else list(GUIDE_THROUGHPUTS)
+        return {"guide": guide_report(gpu, mfu, cfg.gpus, throughputs, mfu_source=mfu_source)}
     if throughput is None:
         raise CostError(f"plan cost {cfg.what} needs a throughput: --tokens-per-sec N, --bench FILE.json or "
                         f"--metrics-url http://127.0.0.1:PORT/metrics")
