@@ -81,7 +81,16 @@ class TrainConfig(Strict):
     compile: bool = False
     grad_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    parallel: Literal["none", "ddp", "fsdp", "hsdp"] = Field("none", description="with torchrun: ddp, fsdp (FSDP2) or "
+                                                                       "hsdp (FSDP2 sharded within groups of "
+                                                                       "train.shard_degree, replicated across them)")
+    shard_degree: int | None = Field(None, gt=0, description="hsdp: processes per sharding group; default one node's "
+                                                             "(LOCAL_WORLD_SIZE); must divide the world size")
+    cpu_offload: bool = Field(False, description="fsdp/hsdp: sharded parameters, gradients and the optimizer step on the "
+                                                 "CPU (FSDP2 CPUOffloadPolicy, ZeRO-3 offload's equivalent)")
+    reshard_after_forward: bool = Field(True, description="fsdp/hsdp: false keeps each block's gathered parameters "
+                                                          "from forward to backward (ZeRO-2-like: more memory, "
+                                                          "fewer all-gathers)")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; default all cores (per process)")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(250, ge=0, description="0 disables periodic eval (one still runs at the end)")
@@ -91,11 +100,18 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.min_lr > self.lr:
+        if self.min_lr > self.lr and self.schedule != "constant":
             raise ValueError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}")
-        if self.parallel == "fsdp" and self.precision == "fp16":
-            raise ValueError("train.precision=fp16 is not supported with train.parallel=fsdp (no sharded "
+        sharded = self.parallel in ("fsdp", "hsdp")
+        if sharded and self.precision == "fp16":
+            raise ValueError(f"train.precision=fp16 is not supported with train.parallel={self.parallel} (no sharded "
                              "loss scaling yet); use bf16")
+        if self.cpu_offload and not sharded:
+            raise ValueError(f"train.cpu_offload=true needs train.parallel=fsdp or hsdp (got {self.parallel})")
+        if self.shard_degree is not None and self.parallel != "hsdp":
+            raise ValueError(f"train.shard_degree applies to train.parallel=hsdp only (got {self.parallel})")
+        if not self.reshard_after_forward and not sharded:
+            raise ValueError(f"train.reshard_after_forward=false needs train.parallel=fsdp or hsdp (got {self.parallel})")
         return self
 
 
@@ -184,8 +200,9 @@ class FinetuneConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.method == "qlora" and self.train.parallel == "fsdp":
-            raise ValueError("method=qlora does not support train.parallel=fsdp (4-bit weights cannot be sharded); use ddp")
+        if self.method == "qlora" and self.train.parallel in ("fsdp", "hsdp"):
+            raise ValueError(f"method=qlora does not support train.parallel={self.train.parallel} (4-bit weights cannot "
+                             "be sharded); use ddp")
         if self.method == "qlora" and self.train.compile:
             raise ValueError("method=qlora does not support train.compile")
         return self

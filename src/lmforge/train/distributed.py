@@ -1,4 +1,4 @@
-"""Devices and processes: one process alone, or torchrun's N processes with DDP or FSDP2."""
+"""Devices and processes: one process alone, or torchrun's N processes with DDP, FSDP2 or HSDP (FSDP2 on a 2-D mesh)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.config import ConfigError
 from lmforge.device import pick_device
 
 
@@ -30,7 +31,7 @@ class Runtime:
 
 
 def init_runtime(device_pref: str, parallel: str, threads: int | None = None) -> Runtime:
-    """Join torchrun's process group when its environment is there (NCCL on CUDA, gloo otherwise).
+    """Join torchrun's process group when its environment is there (NCCL on CUDA plus gloo for CPU tensors; gloo otherwise).
 
     CPU threads: `threads` if given, else the cores split between the processes on this machine.
     """
@@ -39,11 +40,12 @@ def init_runtime(device_pref: str, parallel: str, threads: int | None = None) ->
     device = pick_device(device_pref, local, key="train.device")
     if world > 1:
         if parallel == "none":
-            raise RuntimeError(f"started with {world} processes but train.parallel=none; set train.parallel=ddp or fsdp")
+            raise RuntimeError(f"started with {world} processes but train.parallel=none; set train.parallel=ddp or fsdp (or hsdp)")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # On CUDA gloo joins NCCL for CPU tensors: train.cpu_offload's gradient norm and optimizer state live there.
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     if threads:
         torch.set_num_threads(threads)
     elif device.type == "cpu" and world > 1:
@@ -52,8 +54,13 @@ def init_runtime(device_pref: str, parallel: str, threads: int | None = None) ->
 
 
 def wrap_model(model: nn.Module, rt: Runtime, parallel: str, blocks: list[nn.Module] | None,
-               mp_dtype: torch.dtype | None) -> nn.Module:
-    """DDP, or FSDP2 `fully_shard` per transformer block and then the root; a no-op on one process."""
+               mp_dtype: torch.dtype | None, cpu_offload: bool = False, shard_degree: int | None = None,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """DDP, or FSDP2 `fully_shard` per transformer block and then the root (HSDP: on a 2-D mesh); a no-op on one process.
+
+    `cpu_offload` keeps the sharded parameters, their gradients and the optimizer step on the CPU (FSDP2's
+    CPUOffloadPolicy, ZeRO-3-offload's equivalent); pinned host memory only where there is a CUDA device to copy to.
+    """
     if not rt.distributed:
         return model
     if parallel == "ddp":
@@ -63,12 +70,26 @@ def wrap_model(model: nn.Module, rt: Runtime, parallel: str, blocks: list[nn.Mod
         # hold different numbers of validation batches).
         return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                    broadcast_buffers=False)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
+    # CPUOffloadPolicy's default pin_memory=True fails without an accelerator ("Cannot access accelerator device").
+    offload = CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if cpu_offload else OffloadPolicy()
+    mesh = hsdp_mesh(rt, shard_degree) if parallel == "hsdp" else None
     for block in blocks or []:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def hsdp_mesh(rt: Runtime, shard_degree: int | None):
+    """HSDP's 2-D (replicate, shard) mesh: parameters sharded over `shard_degree` processes (default: one node's,
+    LOCAL_WORLD_SIZE) and replicated over the world_size / shard_degree groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = shard_degree or int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    if rt.world_size % shard:
+        raise ConfigError(f"train.shard_degree {shard} does not divide the {rt.world_size} processes; "
+                          f"use a divisor of {rt.world_size}")
+    return init_device_mesh(rt.device.type, (rt.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def no_grad_sync(model: nn.Module, last_micro: bool):
@@ -145,7 +166,7 @@ def eval_shard(eval_batches: Callable[[int, int, int], Iterable], micro_batch_si
     no padding: their batches come through as they are, all counted.
     """
     mine = eval_batches(micro_batch_size, rt.rank, rt.world_size)
-    if not (rt.distributed and parallel == "fsdp"):
+    if not (rt.distributed and parallel in ("fsdp", "hsdp")):
         for batch in mine:
             yield batch, True
         return

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lmforge.config import ConfigError
 from lmforge.train.config import GuardConfig, TrainConfig
 from lmforge.train.distributed import Runtime, wrap_model
 from lmforge.train.guards import StepGuard
@@ -33,21 +34,38 @@ class Engine:
 
 def build_engine(model: nn.Module, blocks: list[nn.Module], tc: TrainConfig, guards: GuardConfig, rt: Runtime,
                  precision: str) -> Engine:
-    """Move `model` to the device, wrap it for DDP/FSDP, and build its AdamW, GradScaler and StepGuard."""
+    """Move `model` to the device, wrap it for DDP/FSDP/HSDP (CPU offload too), and build its AdamW, GradScaler and StepGuard."""
     device = rt.device
-    model = model.to(device)
+    model = _place(model, device, tc.cpu_offload)
     if tc.grad_checkpointing:
         if hasattr(model, "gradient_checkpointing_enable"):  # transformers (and PEFT-wrapped) models
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing = True
-    mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if tc.parallel == "fsdp" else None
-    model = wrap_model(model, rt, tc.parallel, blocks, mp_dtype)
+    sharded = tc.parallel in ("fsdp", "hsdp")
+    mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if sharded else None
+    if tc.cpu_offload and not rt.distributed:
+        raise ConfigError("train.cpu_offload=true offloads FSDP2 shards and needs several processes "
+                          "(torchrun --nproc_per_node N); set it to false for one process")
+    model = wrap_model(model, rt, tc.parallel, blocks, mp_dtype, tc.cpu_offload, tc.shard_degree,
+                       tc.reshard_after_forward)
     opt = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     forward = torch.compile(model) if tc.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     return Engine(model, forward, opt, scaler, StepGuard(guards), params, precision, device)
+
+
+def _place(model: nn.Module, device: torch.device, cpu_offload: bool) -> nn.Module:
+    """The model on `device`; under CPU offload only its buffers (RoPE tables, masks), since FSDP2 wants the
+    parameters it offloads on the CPU before sharding and copies them to the device for each forward itself."""
+    if not cpu_offload:
+        return model.to(device)
+    model = model.to("cpu")
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device)
+    return model
 
 
 @dataclass
