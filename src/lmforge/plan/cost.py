@@ -111,7 +111,7 @@ class TrainCost:
     usd: float
 
 
-def train_cost(model: str, tokens: int, gpu: Gpu, mfu: float, gpus: int | None = None, days: float | None = None,
+def train_cost(model: str, tokens: int, gpu: Gpu, mfu: float, gpus: int = 1, days: float | None = None,
                seq_len: int | None = None, vocab_size: int = 32000, mfu_source: str = "assumed") -> TrainCost:
     """Price training `model` (a preset) on `tokens`: GPUs given -> days, or days given -> GPUs (rounded up)."""
     if model not in PRESETS:
