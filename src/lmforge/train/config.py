@@ -1,13 +1,15 @@
 """Training configs (pretrain, finetune): one pydantic model per section, validated before any work starts."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Strict
 from lmforge.model.config import ModelConfig
+from lmforge.train.deepspeed import merge_deepspeed
 from lmforge.train.sft_data import SFTDataConfig
 
 
@@ -16,6 +18,15 @@ def check_resume(v: str) -> str:
     if v not in ("auto", "never") and not Path(v, "trainer_state.pt").is_file():
         raise ValueError(f"{v} is not a checkpoint directory (no trainer_state.pt); use auto, never or a path")
     return v
+
+
+def apply_deepspeed(data: Any) -> Any:
+    """The `deepspeed` key's ds_config mapped into `train` before validation (the world size from torchrun's env)."""
+    return merge_deepspeed(data, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+DEEPSPEED_HELP = ("a DeepSpeed ds_config (JSON file path or inline mapping) mapped onto train.* (FSDP2); a one-line "
+                  "notice names what was mapped and what was not")
 
 
 def _is_shard_dir(v: Path) -> bool:
@@ -146,10 +157,12 @@ class PretrainConfig(Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    deepspeed: Path | dict | None = Field(None, description=DEEPSPEED_HELP)
     guards: GuardConfig = GuardConfig()
     log: LogConfig = LogConfig()
 
     _resume = field_validator("resume")(check_resume)
+    _deepspeed = model_validator(mode="before")(apply_deepspeed)
 
 
 class FinetuneTrainConfig(TrainConfig):
@@ -193,10 +206,12 @@ class FinetuneConfig(Strict):
     qlora: QLoraConfigSection = QLoraConfigSection()
     data: SFTDataConfig
     train: FinetuneTrainConfig = FinetuneTrainConfig()
+    deepspeed: Path | dict | None = Field(None, description=DEEPSPEED_HELP)
     guards: GuardConfig = GuardConfig()
     log: LogConfig = LogConfig()
 
     _resume = field_validator("resume")(check_resume)
+    _deepspeed = model_validator(mode="before")(apply_deepspeed)
 
     @model_validator(mode="after")
     def _check(self):

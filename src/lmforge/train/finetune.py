@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.config import dump_config
 from lmforge.errors import UserError
 from lmforge.train.config import FinetuneConfig
+from lmforge.train.deepspeed import deepspeed_notice
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.device import resolve_precision
 from lmforge.train.loop import Job, RunSpec, train
@@ -180,6 +181,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tc = cfg.train
     rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
+        if rt.is_main and cfg.deepspeed is not None:
+            print(deepspeed_notice(cfg.deepspeed, rt.world_size), flush=True)
         if tc.liger and rt.device.type != "cuda":
             raise UserError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
         precision = resolve_precision(tc.precision, rt.device)

@@ -11,6 +11,7 @@ from lmforge.model.build import build_model
 from lmforge.model.config import n_params
 from lmforge.train.checkpoint import write_model_dir
 from lmforge.train.config import PretrainConfig
+from lmforge.train.deepspeed import deepspeed_notice
 from lmforge.train.data import MixtureSampler, PretrainData, SourceTokens, micro_batches
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.train.loop import Job, RunSpec, train
@@ -23,6 +24,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tc = cfg.train
     rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
+        if rt.is_main and cfg.deepspeed is not None:
+            print(deepspeed_notice(cfg.deepspeed, rt.world_size), flush=True)
         data = PretrainData.open(cfg.data, cfg.model.vocab_size)
         meta = data.meta
         if cfg.model.vocab_size is None:
