@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,7 @@ def test_two_process_run_resumes_like_uninterrupted(data, runs, tmp_path, parall
     those of the uninterrupted run. The stop is a NaN at step 11 with guards set to stop at once: the
     schedule still depends on max_steps=20, and the interruption lands at a known step every time."""
     full_out, _ = runs(parallel)
+    full = train_lines(full_out)
     out = tmp_path / "resumed"
     args = ("train.grad_accum=1", f"train.parallel={parallel}")
     proc = run_pretrain(data, out, *args, "guards.debug_nan_steps=[11]", "guards.max_bad_steps=1",
@@ -138,14 +140,38 @@ def test_two_process_run_resumes_like_uninterrupted(data, runs, tmp_path, parall
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000010"
     assert max(train_lines(out)) == 10
 
+    if parallel == "fsdp":  # the sharded checkpoint also resumes on one process (2 -> 1), resharded by DCP
+        assert (out / "checkpoints" / "step-0000010" / "dcp" / ".metadata").is_file()
+        assert not (out / "checkpoints" / "step-0000010" / "model.safetensors").exists()  # no gathered copy
+        one = tmp_path / "resumed_on_one"
+        shutil.copytree(out, one)
+        run_pretrain(data, one, "train.grad_accum=2")
+        assert "written by 2 processes, resumed on 1" in json.dumps(records(one))
+        on_one = train_lines(one)
+        for s in range(11, STEPS + 1):
+            assert on_one[s]["loss"] == pytest.approx(full[s]["loss"], abs=1e-5), f"2 -> 1: loss at step {s}"
+
     run_pretrain(data, out, *args, nproc=2)
     events = [r for r in records(out) if r.get("event") == "resumed"]
     assert len(events) == 1 and events[0]["step"] == 10 and "step-0000010" in events[0]["detail"]
-    full, resumed = train_lines(full_out), train_lines(out)
+    resumed = train_lines(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for s in range(11, STEPS + 1):
         assert resumed[s]["loss"] == pytest.approx(full[s]["loss"], abs=1e-6), f"loss at step {s}"
     assert val_lines(out)[STEPS] == pytest.approx(val_lines(full_out)[STEPS], abs=1e-6)
+
+
+def test_one_process_checkpoint_resumes_on_two(data, runs, tmp_path):
+    """1 -> 2: the one-process run's step-10 checkpoint (the full format) resumes under FSDP on two processes,
+    which shard it, and steps 11..20 are those of the one-process run."""
+    single_out, _ = runs("single")
+    out = tmp_path / "from_single"
+    run_pretrain(data, out, "train.grad_accum=1", "train.parallel=fsdp",
+                 f"resume={single_out / 'checkpoints' / 'step-0000010'}", nproc=2)
+    ref, got = train_lines(single_out), train_lines(out)
+    assert sorted(got) == list(range(11, STEPS + 1))
+    for s in got:
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-5), f"1 -> 2: loss at step {s}"
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -8,11 +8,9 @@ rollouts an uninterrupted one made.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -297,13 +295,4 @@ def function_scorer(name: str, fn: RewardFn) -> Callable:
         values = score({name: fn}, [p.text for p in prompts], texts, columns([p.record for p in prompts], 1))[name]
         return torch.tensor([0.0 if math.isnan(v) else v for v in values])
     return scorer
-
-
-def save_rl_state(d: Path, state: dict) -> None:
-    (d / "rl_state.json").write_text(json.dumps(state) + "\n")
-
-
-def load_rl_state(d: Path) -> dict:
-    p = d / "rl_state.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
 

@@ -9,6 +9,7 @@ switched off; with full training a frozen copy is loaded only when the algorithm
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,8 +22,7 @@ from lmforge.align.models import PolicyModel, RewardModel, pack, policy_logps, s
 from lmforge.align.pairs import (dpo_objective, eval_pair_batches, pair_batches, pair_tokens, precompute_reference,
                                  reward_objective)
 from lmforge.align.rewards import BUILTIN, load_reward_function, score
-from lmforge.align.rl import (GRPO, PPO, Rollouts, columns, function_scorer, load_rl_state, reward_model_scorer,
-                              save_rl_state)
+from lmforge.align.rl import GRPO, PPO, Rollouts, columns, function_scorer, reward_model_scorer
 from lmforge.config import dump_config
 from lmforge.device import inference_dtype, resolve_precision
 from lmforge.errors import UserError
@@ -61,25 +61,21 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def _writers(cfg: AlignConfig, inner: nn.Module, tokenizer, extra=None):
-    """(save, load) for the engine: the inner model's files (adapter or full HF dir) plus PPO's value head and
-    KL controller; engine state-dict names carry the wrapper's `lm.` prefix."""
+def _writers(cfg: AlignConfig, inner: nn.Module, tokenizer):
+    """(save, load) for the engine: the inner model's files (adapter or full HF dir) plus PPO's value head;
+    engine state-dict names carry the wrapper's `lm.` prefix."""
     save_inner, load_inner = model_writers(cfg, inner, tokenizer)
 
-    def save(d: Path, sd: dict) -> None:
-        save_inner(d, {k[3:]: v for k, v in sd.items() if k.startswith("lm.")})
-        head = {k: v for k, v in sd.items() if k.startswith("v_head.")}
+    def save(d: Path, sd: Mapping) -> None:
+        save_inner(d, {k[3:]: sd[k] for k in sd if k.startswith("lm.")})
+        head = {k: sd[k] for k in sd if k.startswith("v_head.")}
         if head:
             save_file({k: v.contiguous() for k, v in head.items()}, str(d / "value_head.safetensors"))
-        if extra is not None:
-            save_rl_state(d, extra.state())
 
     def load(d: Path) -> dict:
         sd = {f"lm.{k}": v for k, v in load_inner(d).items()}
         if (d / "value_head.safetensors").is_file():
             sd.update(load_file(str(d / "value_head.safetensors")))
-        if extra is not None:
-            extra.load_state(load_rl_state(d))
         return sd
     return save, load
 
@@ -204,10 +200,11 @@ def align(cfg: AlignConfig) -> dict:
         trainable, total, line = trainable_summary(model)
         if rt.is_main:
             print(line, flush=True)
-        save_model, load_model_sd = _writers(cfg, inner, tokenizer, extra)
+        save_model, load_model_sd = _writers(cfg, inner, tokenizer)
         job = Job(model=model, objective=objective, train_batches=train_batches, eval_batches=eval_batches,
                   save_model=save_model, load_model=load_model_sd, batch_tokens=pair_tokens,
-                  trainable_only=cfg.method != "full", blocks=decoder_layers(inner), metrics=metrics)
+                  trainable_only=cfg.method != "full", blocks=decoder_layers(inner), metrics=metrics,
+                  extra_state=(extra.state, extra.load_state) if extra is not None else None)
         spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"))
         summary = train(job, spec, rt)
         if cfg.algorithm in ("ppo", "grpo") and rt.is_main and sampling.eval_prompts:

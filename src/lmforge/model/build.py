@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.sharded import LazyWeights
 
 
 @dataclass
 class BuiltModel:
     module: nn.Module
     blocks: list[nn.Module]  # transformer blocks: FSDP units
-    export: Callable[[dict], dict]  # module state dict -> HF-named weights
+    export: Callable[[Mapping], Mapping]  # module state dict -> HF-named weights (lazy: converted when read)
     import_weights: Callable[[dict], dict]  # HF-named weights -> module state dict
 
 
@@ -22,14 +24,11 @@ def build_model(cfg: ModelConfig, seed: int) -> BuiltModel:
     """Initialise deterministically from `seed` (the same weights on every rank)."""
     torch.manual_seed(seed)
     if cfg.impl == "lean":
-        from lmforge.model.llama import LeanLlama, hf_to_lean, lean_to_hf
+        from lmforge.model.llama import LeanLlama, hf_to_lean
         m = LeanLlama(cfg)
-        return BuiltModel(m, list(m.blocks), lambda sd: lean_to_hf(sd, cfg), lambda sd: hf_to_lean(sd, cfg))
+        return BuiltModel(m, list(m.blocks), lambda sd: hf_weights(cfg, sd), lambda sd: hf_to_lean(sd, cfg))
     from transformers import LlamaForCausalLM
     m = LlamaForCausalLM(cfg.to_hf_config(attn_implementation="sdpa"))
-
-    def export(sd):
-        return {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
 
     def import_weights(sd):
         sd = dict(sd)
@@ -37,7 +36,15 @@ def build_model(cfg: ModelConfig, seed: int) -> BuiltModel:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         return sd
 
-    return BuiltModel(m, list(m.model.layers), export, import_weights)
+    return BuiltModel(m, list(m.model.layers), lambda sd: hf_weights(cfg, sd), import_weights)
+
+
+def hf_weights(cfg: ModelConfig, sd: Mapping) -> Mapping:
+    """A built model's state dict (possibly lazy) as the HF checkpoint's weights, converted as they are read."""
+    if cfg.impl == "lean":
+        from lmforge.model.llama import lean_to_hf
+        return lean_to_hf(sd, cfg)
+    return LazyWeights({k: (lambda k=k: sd[k]) for k in sd if not (cfg.tie_embeddings and k == "lm_head.weight")})
 
 
 def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:

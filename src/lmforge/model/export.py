@@ -5,8 +5,10 @@ import os
 import shutil
 from pathlib import Path
 
+from lmforge import runs
 from lmforge.errors import UserError
 from lmforge.model.load import is_reward_model, load_model, load_tokenizer, model_source_info, resolve
+from lmforge.model.sharded import export_sharded, is_sharded
 
 
 def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = False, dtype=None,
@@ -21,6 +23,12 @@ def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    shards = sharded_checkpoint(spec)
+    if shards is not None:
+        cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return _write_atomically(out, lambda tmp: export_sharded(shards, tmp, cast)) | {
+            "out_dir": str(out), "source": {"spec": str(spec), "kind": "sharded", "path": str(shards), "base": None},
+            "merged_lora": False}
     r = resolve(spec)
     if r.kind == "adapter" and not merge_lora:
         raise UserError(f"{spec} is a LoRA adapter: pass --merge-lora (merge_lora=True) to export base + adapter "
@@ -37,17 +45,40 @@ def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
     if hasattr(model.config, "quantization_config"):
         raise UserError(f"{spec} loads quantized; export needs full-precision weights")
 
+    def write(tmp: Path) -> dict:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return {}
+
+    _write_atomically(out, write)
+    return {"out_dir": str(out), "source": model_source_info(spec), "merged_lora": r.kind == "adapter",
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _write_atomically(out: Path, write) -> dict:
+    """Run `write(tmp)` on a temp sibling of `out` and rename it into place; returns what `write` returned."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        info = write(tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out_dir": str(out), "source": model_source_info(spec), "merged_lora": r.kind == "adapter",
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "params": sum(p.numel() for p in model.parameters())}
+    return info
+
+
+def sharded_checkpoint(spec: str | Path) -> Path | None:
+    """The checkpoint directory when `spec` (a run or a checkpoint) is a sharded one without HF weights, else None."""
+    path = Path(str(spec)).expanduser()
+    if runs.is_run(path):
+        try:
+            path = runs.latest_checkpoint(runs.checkpoints_dir(path)) or path
+        except RuntimeError:
+            return None
+    if is_sharded(path) and not (path / "config.json").is_file():
+        return path
+    return None

@@ -10,12 +10,14 @@ measures the gain against nanoGPT; tests check logits equal LlamaForCausalLM's o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.sharded import LazyWeights
 
 
 def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,25 +123,39 @@ class LeanLlama(nn.Module):
 
 # ---- HF weight names ----------------------------------------------------------------------------
 
-def lean_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """LeanLlama state dict -> LlamaForCausalLM names, fused matrices split back into HF's."""
+def lean_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> LazyWeights:
+    """LeanLlama state dict -> LlamaForCausalLM names, fused matrices split back into HF's.
+
+    Lazy: each HF tensor is cut from `sd` when asked for, so a lazily loaded `sd` (a sharded checkpoint's
+    `ShardedWeights`) converts and streams to disk one tensor at a time.
+    """
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+
+    def same(name):
+        return lambda: sd[name].detach().contiguous()
+
+    def piece(name, sizes, i):
+        return lambda: sd[name].detach().split(sizes, dim=0)[i].contiguous()
+
+    out = {"model.embed_tokens.weight": same("embed.weight"), "model.norm.weight": same("norm.weight")}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["head.weight"]
+        out["lm_head.weight"] = same("head.weight")
+    ffn = cfg.intermediate_size
     for i in range(cfg.num_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = sd[src + "qkv.weight"].split([q_out, kv_out, kv_out], dim=0)
-        gate, up = sd[src + "gate_up.weight"].chunk(2, dim=0)
+        qkv = [q_out, kv_out, kv_out]
         out.update({
-            dst + "input_layernorm.weight": sd[src + "attn_norm.weight"],
-            dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v, dst + "self_attn.o_proj.weight": sd[src + "o.weight"],
-            dst + "post_attention_layernorm.weight": sd[src + "mlp_norm.weight"],
-            dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": sd[src + "down.weight"],
+            dst + "input_layernorm.weight": same(src + "attn_norm.weight"),
+            dst + "self_attn.q_proj.weight": piece(src + "qkv.weight", qkv, 0),
+            dst + "self_attn.k_proj.weight": piece(src + "qkv.weight", qkv, 1),
+            dst + "self_attn.v_proj.weight": piece(src + "qkv.weight", qkv, 2),
+            dst + "self_attn.o_proj.weight": same(src + "o.weight"),
+            dst + "post_attention_layernorm.weight": same(src + "mlp_norm.weight"),
+            dst + "mlp.gate_proj.weight": piece(src + "gate_up.weight", [ffn, ffn], 0),
+            dst + "mlp.up_proj.weight": piece(src + "gate_up.weight", [ffn, ffn], 1),
+            dst + "mlp.down_proj.weight": same(src + "down.weight"),
         })
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return LazyWeights(out)
 
 
 def hf_to_lean(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

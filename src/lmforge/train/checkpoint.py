@@ -1,4 +1,12 @@
-"""Atomic checkpoints: model files (an HF model directory or a PEFT adapter) plus trainer_state.pt.
+"""Atomic checkpoints, in one of two formats that load through one function (`Checkpointer.restore`).
+
+- full (one process): the model files (an HF model directory or a PEFT adapter) plus trainer_state.pt
+  holding the optimizer state too.
+- sharded (several processes, or `train.async_checkpoint`): torch.distributed.checkpoint (DCP), as torchtitan
+  does. Every rank writes its own shards of the model and optimizer into `dcp/`, and no rank gathers the whole
+  state; on resume DCP reshards to whatever the new world size is (2 -> 1, 1 -> 2, ...). trainer_state.pt holds
+  the rest. The HF model files are written at the end of a run, streamed tensor by tensor from the shards,
+  and by `lmforge export RUN` (model/sharded.py reads them).
 
 A checkpoint is written into a temporary directory, fsynced, renamed to `step-NNNNNNN`, and only
 then is `latest` replaced (itself via a temp file and os.replace), so a process killed at any
@@ -8,7 +16,6 @@ into it (optimizer, scaler, guard, RNG, the loop's counters) and puts it back on
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,8 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
+from lmforge.model.sharded import DCP_DIR, ShardedWeights, is_sharded, load_sharded
+from lmforge.errors import UserError
 from lmforge.runs import latest_checkpoint, point_latest, step_dir_name
 from lmforge.train.distributed import Runtime, barrier
 from lmforge.train.job import Job
@@ -33,33 +41,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_model_dir(path: Path, hf_state: dict[str, torch.Tensor], hf_config: dict, tokenizer_dir: Path | None,
-                    eos_id: int | None) -> None:
-    """An HF model directory: config.json, model.safetensors, generation_config.json, tokenizer files."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in hf_state.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
-    generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": True, "temperature": 0.8, "top_k": 200}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
-                shutil.copy2(f, path / f.name)
-
-
 def save_checkpoint(ckpt_root: Path, step: int, write_model: Callable[[Path], None], trainer_state: dict,
                     keep_last: int) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, and prune to the newest `keep_last`.
 
     `write_model(dir)` writes the model files (the stage decides: full weights or an adapter).
     """
+    tmp = fresh_tmp_dir(ckpt_root, step, os.getpid())
+    write_model(tmp)
+    return publish_checkpoint(tmp, ckpt_root, step, trainer_state, keep_last)
+
+
+def fresh_tmp_dir(ckpt_root: Path, step: int, tag: object) -> Path:
+    """An empty directory to write checkpoint `step` into before it is published."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_model(tmp)
+    return tmp
+
+
+def publish_checkpoint(tmp: Path, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+    """Add trainer_state.pt to the written `tmp`, fsync it all, rename it to step-N and point `latest` at it."""
+    final = ckpt_root / step_dir_name(step)
     torch.save(trainer_state, tmp / "trainer_state.pt")
     for f in tmp.rglob("*"):
         if not f.is_file():
@@ -101,6 +105,19 @@ def resume_path(resume: str, ckpt_root: Path) -> Path | None:
     return None
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")  # optimizer flags that are not hyperparameters
+
+
+@dataclass
+class _Pending:
+    """A sharded checkpoint being written in the background, published once every rank has finished it."""
+
+    future: object
+    tmp: Path
+    step: int
+    trainer_state: dict
+
+
 @dataclass
 class Checkpointer:
     """Saves a run's checkpoints under `root` and puts one back, for resume and for rollback."""
@@ -112,20 +129,84 @@ class Checkpointer:
     logger: MetricsLogger
     keep_last: int
     config: dict  # the resolved run config, stored in every trainer_state.pt
+    async_save: bool = False  # sharded checkpoints written in the background (train.async_checkpoint)
+    pending: _Pending | None = None
+    _pg: object = None  # the process group background saves plan over, apart from training's collectives
 
-    def save(self, state: TrainState) -> Path | None:
-        """Checkpoint step `state.step`; every rank gathers the full state dicts, rank 0 writes and gets the path."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+    @property
+    def sharded(self) -> bool:
+        """Whether this run writes sharded (DCP) checkpoints: several processes, or background saving."""
+        return self.rt.distributed or self.async_save
+
+    def _options(self, full: bool):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        trainable = self.job.trainable_only
+        return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=trainable,
+                                strict=not trainable)
+
+    def _state_dicts(self, full: bool) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         model, opt = self.engine.model, self.engine.optimizer
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.job.trainable_only)
-        msd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, opt, options=opts)
+        opts = self._options(full)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+
+    def save(self, state: TrainState, final: bool = False) -> Path | None:
+        """Checkpoint step `state.step`; rank 0 gets the path (None on the others, and while a save is in flight).
+
+        `final` (the end of the run): a sharded checkpoint is written in the foreground and gets the HF model
+        files too, so every run ends with a directory that the other stages load.
+        """
+        if not self.sharded:
+            msd, osd = self._state_dicts(full=True)  # gathered onto every rank's CPU; rank 0 writes
+            path = None
+            if self.rt.is_main:
+                path = save_checkpoint(self.root, state.step, lambda d: self.job.save_model(d, msd),
+                                       self._trainer_state(state, osd), self.keep_last)
+                self.logger.event(state.step, "checkpoint", str(path))
+            barrier(self.rt)
+            return path
+        return self._save_sharded(state, final)
+
+    def _save_sharded(self, state: TrainState, final: bool) -> Path | None:
+        import torch.distributed.checkpoint as dcp
+        self.finish_pending()
+        msd, osd = self._state_dicts(full=False)  # each rank's own shards (DTensors under FSDP)
+        # The optimizer's tensors go to DCP; its param_groups (plain numbers, the same on every rank) to
+        # trainer_state.pt, so the shards hold tensors only and load without unpickling anything.
+        trainer_state = self._trainer_state(state, {"param_groups": osd["param_groups"]})
+        tmp = self.root / f".tmp-{step_dir_name(state.step)}-sharded"  # one name on every rank (a shared filesystem)
+        if self.rt.is_main:
+            fresh_tmp_dir(self.root, state.step, "sharded")
+        barrier(self.rt)
+        shards = {"model": msd, "optim": {"state": osd["state"]}}
+        writer = dcp.FileSystemWriter(str(tmp / DCP_DIR))
+        if self.async_save and not final:
+            if self.rt.distributed and self._pg is None:
+                import torch.distributed as dist
+                self._pg = dist.new_group(backend="gloo")
+            future = dcp.async_save(shards, storage_writer=writer, process_group=self._pg,
+                                    no_dist=not self.rt.distributed)
+            self.pending = _Pending(future, tmp, state.step, trainer_state)
+            return None
+        dcp.save(shards, storage_writer=writer, no_dist=not self.rt.distributed)
+        if final and self.rt.is_main:
+            self.job.save_model(tmp, ShardedWeights(tmp, "model"))
+        return self._publish(tmp, state.step, trainer_state)
+
+    def finish_pending(self) -> None:
+        """Wait for a background save to be written on every rank, then publish it (a no-op when none is)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        pending.future.result()
+        self._publish(pending.tmp, pending.step, pending.trainer_state)
+
+    def _publish(self, tmp: Path, step: int, trainer_state: dict) -> Path | None:
+        barrier(self.rt)  # every rank's shards are on disk
         path = None
         if self.rt.is_main:
-            path = save_checkpoint(self.root, state.step, lambda d: self.job.save_model(d, msd),
-                                   self._trainer_state(state, osd), self.keep_last)
-            self.logger.event(state.step, "checkpoint", str(path))
+            path = publish_checkpoint(tmp, self.root, step, trainer_state, self.keep_last)
+            self.logger.event(step, "checkpoint", str(path))
         barrier(self.rt)
         return path
 
@@ -133,28 +214,42 @@ class Checkpointer:
         """What trainer_state.pt holds: tensors and plain values only, so it loads with weights_only=True."""
         scaler, device = self.engine.scaler, self.engine.device
         return {
-            "step": state.step, "optimizer": optimizer_state,
+            "step": state.step, "optimizer": optimizer_state, "format": "sharded" if self.sharded else "full",
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "guard": self.engine.guard.state_dict(),
             "lr_scale": state.lr_scale, "micro_batch_size": state.micro_batch_size, "grad_accum": state.grad_accum,
             "data_position": state.step, "world_size": self.rt.world_size,
             "elapsed_s": state.elapsed(), "tokens": state.tokens,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "extra": self.job.extra_state[0]() if self.job.extra_state else None,
             "config": self.config,
         }
 
     def restore(self, path: Path) -> dict:
-        """Load checkpoint `path` into the model, optimizer, scaler, guard and RNG; returns its trainer state."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        """Load checkpoint `path` (either format, written by any number of processes) into the model, optimizer,
+        scaler, guard and RNG; returns its trainer state."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         engine = self.engine
         saved = load_trainer_state(path)
-        opts = StateDictOptions(full_state_dict=True, strict=not self.job.trainable_only)
-        set_model_state_dict(engine.model, self.job.load_model(path), options=opts)
-        set_optimizer_state_dict(engine.model, engine.optimizer, saved["optimizer"], options=opts)
+        if is_sharded(path):
+            msd, osd = self._state_dicts(full=False)
+            load_sharded({"model": msd, "optim": {"state": osd["state"]}}, path, self.rt.distributed)
+            osd["param_groups"] = saved["optimizer"]["param_groups"]
+            opts = self._options(full=False)
+        else:
+            msd, osd = self.job.load_model(path), saved["optimizer"]
+            opts = self._options(full=True)
+        set_model_state_dict(engine.model, msd, options=opts)
+        # Hyperparameters come from the checkpoint; how the update runs (fused, foreach) is this process's choice:
+        # a run saved by FSDP (foreach over DTensors) resumes fused on one process, and the reverse.
+        for saved_group, group in zip(osd["param_groups"], engine.optimizer.param_groups):
+            saved_group.update({k: group[k] for k in IMPLEMENTATION_KEYS if k in group})
+        set_optimizer_state_dict(engine.model, engine.optimizer, osd, options=opts)
         if saved.get("scaler"):
             engine.scaler.load_state_dict(saved["scaler"])
         engine.guard.load_state_dict(saved["guard"])
+        if self.job.extra_state and saved.get("extra") is not None:
+            self.job.extra_state[1](saved["extra"])
         torch.set_rng_state(saved["rng"]["torch"])
         if engine.device.type == "cuda" and saved["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(saved["rng"]["cuda"], engine.device)
@@ -167,10 +262,19 @@ class Checkpointer:
         state.micro_batch_size, state.grad_accum = int(saved["micro_batch_size"]), int(saved["grad_accum"])
         state.elapsed_before = float(saved.get("elapsed_s", 0.0))
         state.tokens = float(saved.get("tokens", 0.0))
-        world = self.rt.world_size
-        if saved.get("world_size", world) != world:
+        world, saved_world = self.rt.world_size, int(saved.get("world_size", self.rt.world_size))
+        if saved_world != world:
+            # Keep the global batch (and so the windows of every step): the accumulation absorbs the change.
+            global_batch = state.micro_batch_size * state.grad_accum * saved_world
+            accum, rest = divmod(global_batch, state.micro_batch_size * world)
+            if rest or not accum:
+                raise UserError(f"{path} was written by {saved_world} processes with a global batch of {global_batch} "
+                                f"(micro-batch {state.micro_batch_size}); it cannot be split over {world} processes; "
+                                f"resume on a number of processes that divides {global_batch // state.micro_batch_size}")
+            state.grad_accum = accum
             self.logger.event(state.step, "world_size_changed",
-                              f"checkpoint written by {saved['world_size']} processes, resumed on {world}")
+                              f"checkpoint written by {saved_world} processes, resumed on {world}: micro-batch "
+                              f"{state.micro_batch_size} x grad_accum {accum} keeps the global batch {global_batch}")
         self.logger.event(state.step, "resumed", f"from {path}")
         self._show_step(state.step)
 
@@ -180,6 +284,7 @@ class Checkpointer:
         Of the loop's counters only the step comes back. The guard keeps its rollback count (so guards.max_rollbacks
         bounds them), the micro-batch size stays as a CUDA OOM left it, and rolled-back tokens stay counted.
         """
+        self.finish_pending()
         last = latest_checkpoint(self.root)
         if last is None:
             return None

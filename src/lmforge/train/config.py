@@ -108,6 +108,8 @@ class TrainConfig(Strict):
     eval_batches: int = Field(20, gt=0)
     ckpt_every: int = Field(1000, ge=0, description="0: only the final checkpoint")
     keep_last: int = Field(3, gt=0, description="checkpoints kept; older ones are deleted")
+    async_checkpoint: bool = Field(False, description="write checkpoints in the background (sharded, DCP async_save); "
+                                                      "training goes on while they are written")
 
     @model_validator(mode="after")
     def _check(self):

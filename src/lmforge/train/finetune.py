@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -128,8 +129,8 @@ def model_writers(cfg: FinetuneConfig, model: nn.Module, tokenizer):
         tied = getattr(model, "_tied_weights_keys", None) or {}
         tied = tied if isinstance(tied, dict) else {}
 
-        def save(d: Path, sd: dict) -> None:
-            model.save_pretrained(d, state_dict=sd, max_shard_size="1000GB")
+        def save(d: Path, sd: Mapping) -> None:
+            model.save_pretrained(d, state_dict=dict(sd), max_shard_size="1000GB")
             if getattr(model, "generation_config", None) is not None:  # a reward model has none
                 model.generation_config.save_pretrained(d)
             tokenizer.save_pretrained(d)
@@ -152,9 +153,9 @@ def model_writers(cfg: FinetuneConfig, model: nn.Module, tokenizer):
     renamed = get_peft_model_state_dict(model, state_dict=placeholders, save_embedding_layers=False)
     to_model = {k: by_id[id(t)] for k, t in renamed.items() if id(t) in by_id}
 
-    def save_adapter(d: Path, sd: dict) -> None:
+    def save_adapter(d: Path, sd: Mapping) -> None:
         # Embeddings never train here; "auto" would look the base up on the hub to check for a resize.
-        model.save_pretrained(d, state_dict=sd, save_embedding_layers=False)
+        model.save_pretrained(d, state_dict=dict(sd), save_embedding_layers=False)
         tokenizer.save_pretrained(d)
 
     def load_adapter(d: Path) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -26,8 +27,9 @@ class Job:
     train_batches: Callable[[int, int, int, int, int], Iterable[Batch]]
     # (micro_batch_size, rank, world_size) -> this rank's share of the fixed validation batches
     eval_batches: Callable[[int, int, int], Iterable[Batch]] | None
-    # (checkpoint dir, model state dict) -> write the model files (full weights in HF format, or an adapter)
-    save_model: Callable[[Path, dict], None]
+    # (checkpoint dir, model state dict) -> write the model files (full weights in HF format, or an adapter). The
+    # state dict may be a lazy Mapping (read from a sharded checkpoint tensor by tensor): stream it or dict() it.
+    save_model: Callable[[Path, Mapping], None]
     load_model: Callable[[Path], dict]  # checkpoint dir -> model state dict (what save_model was given)
     # Tokens per global step when fixed (pretraining windows); otherwise batch_tokens counts each micro-batch.
     tokens_per_step: int | None = None
@@ -38,6 +40,9 @@ class Job:
     # An objective's own numbers (DPO's rewards/margins, a reward model's accuracy, rollout rewards): it adds
     # them here; the engine writes their means into the next train line and into each eval line.
     metrics: StepMetrics | None = None
+    # An objective's own state that is not a tensor of the model (PPO's adaptive KL coefficient): (get, set) of a
+    # dict of plain values, kept in trainer_state.pt.
+    extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None
 
 
 @dataclass

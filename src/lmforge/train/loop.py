@@ -32,7 +32,8 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     resume_from = resume_path(spec.resume, ckpt_root)
     logger = MetricsLogger(spec.out_dir, rt.is_main, tc.max_steps, 0, spec.log.tensorboard, spec.log.wandb,
                            spec.log.wandb_project, spec.config_dump, spec.log.progress)
-    checkpointer = Checkpointer(ckpt_root, job, engine, rt, logger, tc.keep_last, spec.config_dump)
+    checkpointer = Checkpointer(ckpt_root, job, engine, rt, logger, tc.keep_last, spec.config_dump,
+                                async_save=tc.async_checkpoint)
     state = TrainState(micro_batch_size=tc.micro_batch_size, grad_accum=tc.grad_accum)
     if resume_from is not None:
         checkpointer.resume(resume_from, state)
@@ -84,10 +85,12 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
                 checkpointer.save(state)
 
         last_val = _evaluate_and_log(job, engine, rt, tc.parallel, state, logger) or last_val
+        checkpointer.finish_pending()
         final = latest_checkpoint(ckpt_root)
         if final is None or final.name != step_dir_name(state.step):
-            final = checkpointer.save(state)
+            final = checkpointer.save(state, final=True)
     except TrainingStopped as e:
+        checkpointer.finish_pending()  # the ranks agreed to stop, so they all get here: keep the last checkpoint
         logger.event(state.step + 1, "stop", str(e))
         raise
     finally:

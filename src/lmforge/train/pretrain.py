@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from lmforge.config import dump_config
 from lmforge.errors import UserError
 from lmforge.model.build import build_model
 from lmforge.model.config import n_params
-from lmforge.train.checkpoint import write_model_dir
+from lmforge.model.sharded import read_safetensors, write_model_dir
 from lmforge.train.config import PretrainConfig
 from lmforge.train.deepspeed import deepspeed_notice
 from lmforge.train.data import MixtureSampler, PretrainData, SourceTokens, micro_batches
@@ -57,7 +55,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             train_batches=lambda step, mbs, acc, rank, world: micro_batches(train_sampler, step, mbs, acc, rank, world),
             eval_batches=eval_batches if data.has_val(seq_len) else None,
             save_model=lambda d, sd: write_model_dir(d, built.export(sd), hf_config, tok_dir, meta.get("eos_id")),
-            load_model=lambda d: built.import_weights(load_file(str(d / "model.safetensors"))),
+            load_model=lambda d: built.import_weights(read_safetensors(d)),
             tokens_per_step=global_batch * seq_len, blocks=built.blocks,
             flops_per_token=flops_per_token(n_params(cfg.model), cfg.model.num_layers, cfg.model.hidden_size, seq_len,
                                             cfg.model.vocab_size),
