@@ -158,6 +158,20 @@ def test_spike_grad_growth_no_warmup_and_tight_clipping(tmp_path):
     assert "clipping too tight" in plateau.evidence and "100x" in plateau.evidence
 
 
+def test_lr_range_follows_the_model_size_in_the_checkpoint(tmp_path):
+    smollm2 = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+               "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
+    for lr, want in ((5e-2, {"lr_too_high": "warning"}), (2e-4, {})):
+        run = write_run(tmp_path / f"ft-{lr}", steps(30, lr=lambda s: lr * min(1, s / 5)),
+                        {"base_model": "x", "method": "full", "train": {"warmup_steps": 5}})
+        (run / "checkpoints" / "step-0000030").mkdir(parents=True)
+        (run / "checkpoints" / "step-0000030" / "config.json").write_text(json.dumps(smollm2))
+        (run / "checkpoints" / "latest").write_text("step-0000030\n")
+        found = diagnose(read_run(run))
+        assert {f.code: f.severity for f in found} == want
+        assert all("for a 134M-parameter model (finetune, full)" in f.evidence for f in found)
+
+
 def test_plateau_names_a_dominant_token_in_the_shards(tmp_path):
     from lmforge.tokens.shards import write_shards
 

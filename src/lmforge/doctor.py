@@ -23,65 +23,38 @@ from lmforge.errors import UserError
 
 SEVERITIES = ("critical", "warning", "info")
 
-# Trend: the head and tail of the loss curve are medians over this fraction of the logged steps (at least
-# 3 lines), so one noisy batch does not decide; fewer logged steps than MIN_TREND_LINES say nothing yet.
-TREND_FRACTION = 0.1
-MIN_TREND_LINES = 10
-# A loss that fell by less than 2 % over the whole run has not started learning (a healthy run's loss
-# falls by tens of percent within its first few hundred steps).
-PLATEAU_DROP = 0.02
-# Divergence: the loss ends 10 % above where it started, or peaked at 3x its start (no optimiser step on a
-# healthy run raises the loss that far).
-DIVERGE_RISE = 0.10
-EXPLODE_FACTOR = 3.0
-# A spike: a loss 50 % above the median of the 20 logged losses before it (batch noise stays within ~10 %).
-SPIKE_FACTOR = 1.5
-SPIKE_WINDOW = 20
-SPIKE_MIN_HISTORY = 5
-# Grad-norm growth: the last quarter's median norm at 10x the first quarter's (after warmup) means the
-# updates are destabilising; slow growth late in training (weight decay, LR decay) stays well below that.
-GRAD_GROWTH = 10.0
-# Clipping too tight: a median norm 10x the clip threshold means every update is scaled down 10x or more.
-CLIP_TIGHT_RATIO = 10.0
-# A peak LR 10x the usual one for the model size is far outside what published runs train stably with;
-# 1/100 of it is too small for the loss to move in a short run.
-LR_FAR_ABOVE = 10.0
-LR_FAR_BELOW = 0.01
-# Usual peak pretraining LR by parameter count: GPT-3 Table 2.1 (Brown et al. 2020), and nanoGPT's
-# shakespeare-char recipe (10.7M, 1e-3) for small models; interpolated in log size, flat beyond the ends.
+TREND_FRACTION = 0.1  # head and tail of a curve are medians over 10 % of its lines (>= 3): one batch never decides
+MIN_TREND_LINES = 10  # fewer logged steps say nothing about a trend yet
+PLATEAU_DROP = 0.02  # a healthy loss falls by tens of percent early on; under 2 % over the run is no learning
+DIVERGE_RISE = 0.10  # a loss that ends 10 % above its start went the wrong way
+EXPLODE_FACTOR = 3.0  # no healthy optimiser step triples the loss
+SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 20  # batch noise stays within ~10 % of the last 20 losses' median; 50 % is not noise
+SPIKE_MIN_HISTORY = 5  # a median of fewer losses is itself noise
+GRAD_GROWTH = 10.0  # late-training drift in the norm (weight decay, LR decay) stays far below 10x
+CLIP_TIGHT_RATIO = 10.0  # a median norm 10x the clip threshold scales every update down 10x or more
+LR_FAR_ABOVE = 10.0  # 10x the usual peak LR for the size is beyond what published runs train stably with
+LR_FAR_BELOW = 0.01  # 1/100 of it cannot move the loss in a run of ordinary length
+# Usual peak pretraining LR by parameter count: GPT-3 Table 2.1 and nanoGPT's shakespeare-char (10.7M, 1e-3).
 USUAL_PRETRAIN_LR = ((10.7e6, 1e-3), (125e6, 6e-4), (350e6, 3e-4), (760e6, 2.5e-4), (1.3e9, 2e-4),
                      (2.7e9, 1.6e-4), (6.7e9, 1.2e-4), (13e9, 1e-4), (175e9, 6e-5))
-# Relative to the pretraining LR: LoRA adapters train at ~10x (Hu et al. 2021 used 2e-4 on GPT-3 sized
-# models), preference/RL tuning of full weights at ~1/10 (TRL's DPO 1e-6 .. 5e-6 on 7B).
-LR_SCALE = {("finetune", "full"): 1.0, ("finetune", "lora"): 10.0, ("finetune", "qlora"): 10.0,
-            ("align", "full"): 0.1, ("align", "lora"): 1.0, ("align", "qlora"): 1.0}
-# Overfitting: the last validation loss 5 % above the best one, with the training loss still falling.
-OVERFIT_RISE = 0.05
-MIN_EVALS = 3
-# Repetition: up to ~4 epochs of repeated tokens are worth nearly as much as fresh data; beyond that the
-# value of each further epoch fades (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
-EPOCHS_WARN = 4.0
-# Throughput: a rolling median (1/20 of the run, at least 3 lines) below half the run's median, for at
-# least 10 seconds of wall time (shorter dips are evals, checkpoints and noise from other processes).
-THROUGHPUT_DROP = 0.5
-THROUGHPUT_MIN_DROP_S = 10.0
-# Dense training at scale reaches an MFU of 0.35-0.55 (PaLM 46 %); below 0.2 the GPU mostly waits.
-LOW_MFU = 0.2
-# NVML utilisation (percent of time a kernel ran): below 50 % the input pipeline or host syncs dominate.
-LOW_GPU_UTIL = 50.0
-# DPO/reward accuracy within 0.05 of a coin flip over the last quarter of the run: nothing was learnt.
-ACC_STUCK_BAND = 0.05
-# GRPO: a group whose rewards are all equal has zero advantage and gives no gradient; when more than half
-# the groups are like that, most of the compute is wasted.
-ZERO_STD_WARN = 0.5
-# KL from the reference exploding: the last quarter's median above this (GRPO: nats per token, healthy runs
-# stay near 0.01-0.1; PPO: nats per sequence, Ziegler et al. steer to 6) and 10x the first quarter's.
+# Relative to it: LoRA trains at ~10x (Hu et al. 2021: 2e-4 at GPT-3 sizes), full preference/RL tuning at ~1/10.
+LR_SCALE = {("finetune", "lora"): 10.0, ("finetune", "qlora"): 10.0, ("align", "full"): 0.1}
+OVERFIT_RISE, MIN_EVALS = 0.05, 3  # val 5 % above its best (over >= 3 evals) is a trend, not eval noise
+EPOCHS_WARN = 4.0  # up to ~4 epochs repeated data is worth nearly fresh data (Muennighoff et al. 2023)
+THROUGHPUT_DROP = 0.5  # a rolling median under half the run's median is a slowdown, not jitter
+THROUGHPUT_MIN_DROP_S = 10.0  # shorter dips are evals, checkpoints and other processes
+LOW_MFU = 0.2  # tuned dense training reaches 0.35-0.55 (PaLM 0.46); under 0.2 the GPU mostly waits
+LOW_GPU_UTIL = 50.0  # NVML percent of time a kernel ran: under half, the input pipeline or host syncs dominate
+ACC_STUCK_BAND = 0.05  # preference accuracy within 0.05 of a coin flip over the last quarter: nothing learnt
+ZERO_STD_WARN = 0.5  # equal rewards in a group give zero advantage: past half the groups, most compute is wasted
+# KL exploding: last quarter above this (GRPO per token, healthy ~0.01-0.1; PPO per sequence, Ziegler steers to 6)
 KL_HIGH = {"kl": 0.5, "objective/kl": 20.0}
-KL_GROWTH = 10.0
-# Each sampled window shows this many characters of decoded text; a token that is half of the sampled
-# tokens means padding, a repeated document or a broken tokenizer.
-SAMPLE_CHARS = 160
-DOMINANT_TOKEN = 0.5
+KL_GROWTH = 10.0  # ... and 10x the first quarter's: the policy keeps walking away from the reference
+SAMPLE_CHARS = 160  # decoded characters shown per sampled window
+DOMINANT_TOKEN = 0.5  # one token that is half the sampled tokens: padding, a repeated document, a broken tokenizer
+
+
+LINE_KINDS = {"loss", "val_loss", "event"}  # a metrics line is a train, eval or event line (DESIGN.md)
 
 
 class DoctorError(UserError):
@@ -121,9 +94,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        algo = self.config.get("algorithm")
         method = self.config.get("method")
-        return " ".join(filter(None, [self.kind, algo, method and f"({method})"]))
+        return " ".join(filter(None, [self.kind, self.config.get("algorithm")])) + (f", {method}" if method else "")
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of a train-line key, in step order; lines without it are left out."""
@@ -131,6 +103,7 @@ class Run:
         return [s for s, _ in pairs], [v for _, v in pairs]
 
     def setting(self, dotted: str):
+        """config.yaml's value at a dotted key (`train.lr`), None when absent."""
         node = self.config
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -140,38 +113,27 @@ class Run:
 def read_run(path: Path) -> Run:
     """Read a run directory; DoctorError when it is not one. A step logged twice (resume, rollback) keeps its
     last line; unreadable lines are counted and named, not fatal."""
-    path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not path.is_dir():
-        raise DoctorError(f"{path}: not a directory; give run directories (the out_dir of pretrain, finetune "
-                          "or align)")
+    path, metrics = Path(path), Path(path, "metrics.jsonl")
     if not metrics.is_file():
-        raise DoctorError(f"{path}: no metrics.jsonl; give run directories (the out_dir of pretrain, finetune "
-                          "or align, which write one)")
-    train: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
-    events, bad = [], []
+        what = "no metrics.jsonl" if path.is_dir() else "not a directory"
+        raise DoctorError(f"{path}: {what}; give run directories (the out_dir of pretrain, finetune or align)")
+    train, evals, events, bad = {}, {}, [], []
     for n, line in enumerate(metrics.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError:
-            bad.append(n)
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int) and LINE_KINDS & set(rec)):
             bad.append(n)
         elif "event" in rec:
             events.append(rec)
-        elif "val_loss" in rec:
-            evals[rec["step"]] = rec
-        elif "loss" in rec:
-            train[rec["step"]] = rec
         else:
-            bad.append(n)
+            (evals if "val_loss" in rec else train)[rec["step"]] = rec
     if not (train or evals or events):
-        raise DoctorError(f"{metrics}: no readable metrics lines ({len(bad)} unreadable{_lines(bad)}); it holds "
-                          "JSON objects with a step and a loss, val_loss or event")
+        raise DoctorError(f"{metrics}: no readable metrics lines ({len(bad)} unreadable: lines {_few(bad)}); it "
+                          "holds JSON objects with a step and a loss, val_loss or event")
     config = {}
     if (path / "config.yaml").is_file():
         import yaml
@@ -183,9 +145,9 @@ def read_run(path: Path) -> Run:
                [evals[s] for s in sorted(evals)], events, bad)
 
 
-def _lines(numbers: list[int]) -> str:
-    return f": line{'s' if len(numbers) > 1 else ''} " + ", ".join(map(str, numbers[:10])) + \
-        (", ..." if len(numbers) > 10 else "") if numbers else ""
+def _few(numbers: list[int]) -> str:
+    """`4, 10, 12, ...`: the first ten numbers of a list."""
+    return ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
 
 
 def _g(x: float) -> str:
@@ -208,26 +170,26 @@ def _quarters(values: list[float]) -> tuple[float, float]:
 def n_params(run: Run) -> float | None:
     """Parameter count from the run's model shape: config.yaml's model section (pretrain) or an HF
     config.json (the latest checkpoint's, else the base model directory's); None when neither is at hand."""
-    shape = run.config.get("model") if run.kind == "pretrain" else None
-    if isinstance(shape, dict) and shape.get("vocab_size"):
-        hf = {"hidden_size": shape["hidden_size"], "num_hidden_layers": shape["num_layers"],
-              "num_attention_heads": shape["num_heads"], "num_key_value_heads": shape["num_kv_heads"],
-              "intermediate_size": shape["intermediate_size"], "vocab_size": shape["vocab_size"],
-              "tie_word_embeddings": shape["tie_embeddings"]}
-    else:
-        ckpts = run.path / "checkpoints"
-        latest = ckpts / (ckpts / "latest").read_text().strip() if (ckpts / "latest").is_file() else None
-        base = Path(str(run.config.get("base_model", "")))
-        found = [p / "config.json" for p in (latest, base) if p is not None and (p / "config.json").is_file()]
-        if not found:
-            return None
-        hf = json.loads(found[0].read_text())
+    ckpts = run.path / "checkpoints"
+    latest = ckpts / (ckpts / "latest").read_text().strip() if (ckpts / "latest").is_file() else None
+    found = [p / "config.json" for p in (latest, Path(str(run.config.get("base_model", ""))))
+             if p is not None and (p / "config.json").is_file()]
     try:
-        h, layers, heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
-        kv = hf.get("num_key_value_heads") or heads
-        body = layers * (2 * h * h + 2 * h * (h // heads) * kv + 3 * h * hf["intermediate_size"])
-        return body + hf["vocab_size"] * h * (1 if hf.get("tie_word_embeddings", True) else 2)
-    except (KeyError, TypeError, ZeroDivisionError):
+        if run.kind == "pretrain":
+            m = run.config["model"]
+            h, layers, heads, kv, inter = (m["hidden_size"], m["num_layers"], m["num_heads"], m["num_kv_heads"],
+                                           m["intermediate_size"])
+            vocab, tied = m["vocab_size"], m["tie_embeddings"]
+        elif found:
+            c = json.loads(found[0].read_text())
+            h, layers, heads, inter = (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                                       c["intermediate_size"])
+            kv, vocab, tied = c.get("num_key_value_heads") or heads, c["vocab_size"], c.get("tie_word_embeddings", True)
+        else:
+            return None
+        body = layers * (2 * h * h + 2 * h * (h // heads) * kv + 3 * h * inter)
+        return body + vocab * h * (1 if tied else 2)
+    except (KeyError, TypeError, ZeroDivisionError, ValueError):
         return None
 
 
@@ -256,8 +218,8 @@ def check_loss(run: Run) -> list[Finding]:
     nonfinite = [s for s, v in zip(steps, all_losses) if not math.isfinite(v)]
     if nonfinite and steps and not math.isfinite(all_losses[-1]):
         out.append(Finding("critical", "loss_nonfinite", "loss is NaN/inf at the end of the run",
-                           f"{len(nonfinite)} logged steps with a non-finite loss{_lines(nonfinite)}; the last "
-                           f"logged step ({steps[-1]}) is one of them",
+                           f"non-finite loss at {len(nonfinite)} logged steps ({_few(nonfinite)}), the last "
+                           f"logged step ({steps[-1]}) among them",
                            "lower train.lr, use bf16 rather than fp16, keep train.grad_clip at 1.0, and look for "
                            "corrupt data (guards.skip_nonfinite skips such steps)", (nonfinite[0], steps[-1])))
     pairs = [(s, v) for s, v in zip(steps, all_losses) if math.isfinite(v)]
@@ -559,9 +521,9 @@ def check_input(run: Run) -> list[Finding]:
     out = []
     if run.bad_lines:
         out.append(Finding("warning", "unreadable_lines", f"{len(run.bad_lines)} unreadable metrics lines skipped",
-                           f"metrics.jsonl{_lines(run.bad_lines)} (not JSON objects with a step and a loss, "
-                           "val_loss or event)", "a run killed mid-write leaves a torn last line; other lines point "
-                           "to a file edited or written by another tool"))
+                           f"metrics.jsonl lines {_few(run.bad_lines)} (not JSON objects with a step and a "
+                           "loss, val_loss or event)", "a run killed mid-write leaves a torn last line; others "
+                           "point to a file edited or written by another tool"))
     if not run.config:
         out.append(Finding("info", "no_config", "no config.yaml", f"{run.path} has no readable config.yaml: checks "
                            "that need the run's settings (warmup, model size, data) are skipped", "none needed"))
@@ -592,12 +554,14 @@ def sample_windows(run: Run, n: int = 3) -> tuple[list[str], str | None]:
 
     from lmforge.tokens.shards import load_shard, read_meta
 
-    meta = read_meta(data_dir)
-    tokenizer = Path(str(meta.get("tokenizer")), "tokenizer.json")
-    tokens = load_shard(data_dir, "train")
-    if not tokenizer.is_file() or not len(tokens):
+    try:
+        tokenizer = Path(str(read_meta(data_dir).get("tokenizer")), "tokenizer.json")
+        tokens = load_shard(data_dir, "train")
+        tok = Tokenizer.from_file(str(tokenizer)) if tokenizer.is_file() and len(tokens) else None
+    except (UserError, OSError) as e:
+        return [], f"the token shards at {data_dir} cannot be read ({e})"
+    if tok is None:
         return [], None
-    tok = Tokenizer.from_file(str(tokenizer))
     length = min(run.setting("data.seq_len") or run.setting("model.max_seq_len") or 64, len(tokens))
     windows = [[int(t) for t in tokens[start:start + length]]
                for start in ((k + 1) * (len(tokens) - length) // (n + 1) for k in range(n))]
@@ -682,8 +646,8 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 class DoctorConfig(Strict):
-    runs: list[Path] = Field(min_length=1, description="run directories (the out_dir of pretrain, finetune or align); several "
-                                         "are diagnosed one by one and overlaid in doctor.png")
+    runs: list[Path] = Field(min_length=1, description="run directories (the out_dir of pretrain, finetune or "
+                                                       "align); several are diagnosed one by one, overlaid in the plot")
     out: Path | None = Field(None, description="directory for doctor.md and doctor.png (default: the first run "
                                                "directory)")
     fail_on: Literal["critical", "warning", "never"] = Field("critical", description="exit with status 1 when a "
