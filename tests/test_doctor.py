@@ -195,6 +195,9 @@ def test_dpo_accuracy_at_chance_is_critical_learning_is_quiet(tmp_path):
     learning = write_run(tmp_path / "learns", steps(60, loss=lambda s: 0.693 * 0.98 ** s,
                                                     **{"rewards/accuracies": lambda s: min(0.95, 0.5 + s / 50)}), DPO)
     assert codes(learning) == {}
+    cold = write_run(tmp_path / "cold", steps(60, loss=lambda s: 0.693 * 0.98 ** s),
+                     {**DPO, "train": {"warmup_steps": 0}})
+    assert codes(cold) == {"no_warmup": "info"}  # tuning from trained weights: worth a note, not a warning
 
 
 def test_grpo_zero_variance_groups_and_reward_hacking(tmp_path):

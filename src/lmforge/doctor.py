@@ -319,8 +319,9 @@ def check_lr(run: Run) -> list[Finding]:
     out = []
     warmup = run.setting("train.warmup_steps")
     no_warmup = warmup == 0 if warmup is not None else steps[0] == 1 and lrs[0] >= 0.9 * max(lrs)
-    if no_warmup:
-        out.append(Finding("warning", "no_warmup", "no learning-rate warmup",
+    if no_warmup:  # from scratch Adam's first steps need it; tuning from trained weights often goes without
+        out.append(Finding("warning" if run.kind in ("pretrain", "unknown") else "info", "no_warmup",
+                           "no learning-rate warmup",
                            f"lr {_g(lrs[0])} at step {steps[0]} is already the peak {_g(max(lrs))}"
                            + (" (train.warmup_steps: 0)" if warmup == 0 else ""),
                            "set train.warmup_steps to ~1-5 % of the steps (Adam's moment estimates are noisy in "
