@@ -232,8 +232,9 @@ def check_loss(run: Run) -> list[Finding]:
     if last > first * (1 + DIVERGE_RISE) or peak > first * EXPLODE_FACTOR:
         lr = max(run.series("lr")[1] or [float("nan")])
         out.append(Finding("critical", "loss_diverged", "loss diverged",
-                           f"loss {_g(first)} at steps {steps[0]}-{steps[k - 1]} -> peak {_g(peak)} at step "
-                           f"{peak_step} -> {_g(last)} over the last {k} logged steps (peak lr {_g(lr)})",
+                           f"loss {_g(losses[0])} at step {steps[0]} ({_g(first)} over steps {steps[0]}-"
+                           f"{steps[k - 1]}) -> peak {_g(peak)} at step {peak_step} -> {_g(last)} over the last {k} "
+                           f"logged steps (peak lr {_g(lr)})",
                            "lower train.lr (by 3-10x), raise train.warmup_steps, keep train.grad_clip at 1.0; "
                            "guards.spike_factor skips outlier steps and rolls back when they repeat",
                            (steps[0], steps[-1])))
@@ -591,8 +592,9 @@ def markdown(runs: list[Run], plot: str | None) -> str:
         lines += [f"![loss, val loss, lr, grad norm, throughput]({plot})", ""]
     for run in runs:
         last = run.train[-1]["step"] if run.train else 0
-        lines += [f"## {run.path}", "", f"{run.label}; {last} steps logged, {len(run.evals)} evals, "
-                  f"{len(run.events)} events", ""]
+        n_ev = len(run.events)
+        lines += [f"## {run.path}", "", f"{run.label}; {last} steps logged, {len(run.evals)} evals, {n_ev} "
+                  f"event{'s' * (n_ev != 1)}", ""]
         if not run.findings:
             lines += ["No findings.", ""]
         for f in run.findings:
