@@ -27,8 +27,9 @@ def run_export(cfg: ExportConfig) -> int:
 
     info = export_model(cfg.model, cfg.out, merge_lora=cfg.merge_lora, dtype=cfg.dtype, overwrite=cfg.overwrite)
     merged = " (LoRA merged into the base)" if info["merged_lora"] else ""
-    print(f"exported {info['source']}{merged}: {info['params'] / 1e6:.1f} M params, {info['dtype']} -> "
-          f"{info['out_dir']}")
+    source = info["source"]
+    print(f"exported {source['spec']} ({source['kind'].replace('_', ' ')}){merged}: {info['params'] / 1e6:.1f} M "
+          f"params, {info['dtype']} -> {info['out_dir']}")
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -102,7 +103,10 @@ def load_sharded(state: dict, checkpoint: Path, distributed: bool) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, storage_reader=_reader(Path(checkpoint) / DCP_DIR), planner=_planner(), no_dist=not distributed)
+    with warnings.catch_warnings():  # DCP warns on every one-process load that it "assumes" the intent we stated
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, storage_reader=_reader(Path(checkpoint) / DCP_DIR), planner=_planner(),
+                 no_dist=not distributed)
 
 
 def tensor_index(checkpoint: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
