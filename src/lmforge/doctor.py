@@ -63,6 +63,7 @@ class DoctorError(UserError):
 
 @dataclass
 class Finding:
+    """One sign of trouble in one run: how bad, what it is, the numbers that show it, what to do."""
     severity: Literal["critical", "warning", "info"]
     code: str
     title: str
@@ -218,8 +219,8 @@ def check_loss(run: Run) -> list[Finding]:
     nonfinite = [s for s, v in zip(steps, all_losses) if not math.isfinite(v)]
     if nonfinite and steps and not math.isfinite(all_losses[-1]):
         out.append(Finding("critical", "loss_nonfinite", "loss is NaN/inf at the end of the run",
-                           f"non-finite loss at {len(nonfinite)} logged steps ({_few(nonfinite)}), the last "
-                           f"logged step ({steps[-1]}) among them",
+                           f"non-finite loss at {len(nonfinite)} of {len(steps)} logged steps ({_few(nonfinite)}), "
+                           f"the last one ({steps[-1]}) included",
                            "lower train.lr, use bf16 rather than fp16, keep train.grad_clip at 1.0, and look for "
                            "corrupt data (guards.skip_nonfinite skips such steps)", (nonfinite[0], steps[-1])))
     pairs = [(s, v) for s, v in zip(steps, all_losses) if math.isfinite(v)]
@@ -280,14 +281,14 @@ def _plateau(run: Run, steps: list[int], losses: list[float], first: float, last
 
 
 def _spikes(steps: list[int], losses: list[float]) -> list[Finding]:
-    spikes = [(s, v, statistics.median(losses[max(0, i - SPIKE_WINDOW):i])) for i, (s, v) in
-              enumerate(zip(steps, losses)) if i >= SPIKE_MIN_HISTORY
-              and v > SPIKE_FACTOR * statistics.median(losses[max(0, i - SPIKE_WINDOW):i])]
+    before = [(s, v, statistics.median(losses[max(0, i - SPIKE_WINDOW):i]))
+              for i, (s, v) in enumerate(zip(steps, losses)) if i >= SPIKE_MIN_HISTORY]
+    spikes = [(s, v, m) for s, v, m in before if v > SPIKE_FACTOR * m]
     if not spikes:
         return []
     worst = max(spikes, key=lambda t: t[1] / t[2])
     return [Finding("warning", "loss_spikes", f"{len(spikes)} loss spike{'s' * (len(spikes) > 1)}",
-                    f"steps {', '.join(str(s) for s, _, _ in spikes[:10])}{', ...' if len(spikes) > 10 else ''}: "
+                    f"steps {_few([s for s, _, _ in spikes])}: "
                     f"loss over {SPIKE_FACTOR:g}x the median of the {SPIKE_WINDOW} steps before; worst at step "
                     f"{worst[0]}: {_g(worst[1])} against {_g(worst[2])}",
                     "lower train.lr or raise train.warmup_steps; set guards.spike_factor (e.g. 3) to skip such "
@@ -471,8 +472,9 @@ def check_events(run: Run) -> list[Finding]:
         if hits:
             details = "; ".join(f"step {e['step']}: {e.get('detail', '')}" for e in hits[:3])
             more = f" (+{len(hits) - 3} more)" if len(hits) > 3 else ""
-            out.append(Finding(severity, name, f"{title} ({len(hits)}x)", details + more, remedy,
-                               (hits[0]["step"], hits[-1]["step"])))
+            title += f", {len(hits)}x" if len(hits) > 1 else ""
+            at = [e["step"] for e in hits]
+            out.append(Finding(severity, name, title, details + more, remedy, (min(at), max(at))))
     return out
 
 
@@ -579,8 +581,6 @@ def sample_windows(run: Run, n: int = 3) -> tuple[list[str], str | None]:
 # ---- report ---------------------------------------------------------------------------------------------
 
 def _span(f: Finding) -> str:
-    if f.steps is None:
-        return ""
     return f"step {f.steps[0]}" if f.steps[0] == f.steps[1] else f"steps {f.steps[0]}-{f.steps[1]}"
 
 
@@ -623,18 +623,19 @@ def plot(runs: list[Run], path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     names = [r.path.name for r in runs]
     for ax, (key, title) in zip(axes.flat, panels):
+        drawn = []
         for i, run in enumerate(runs):
             if key == "val_loss":
                 xs, ys = [e["step"] for e in run.evals], [e["val_loss"] for e in run.evals]
             else:
                 xs, ys = run.series(key)
             label = names[i] if names.count(names[i]) == 1 else str(run.path)
+            drawn += [y for y in ys if math.isfinite(y)]
             ax.plot(xs, ys, marker="o" if key == "val_loss" else None, markersize=3, label=label, color=f"C{i}")
             if key == "loss":
                 for e in run.events:
                     if e["event"] in ("rollback", "skip_nonfinite", "skip_spike", "oom", "stop"):
                         ax.axvline(e["step"], color=f"C{i}", linestyle=":", alpha=0.6)
-        drawn = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
         if key in LOG_PANELS and drawn and min(drawn) > 0:
             ax.set_yscale("log")  # a diverged run's curve would flatten every other one
         ax.set_title(title + (" (dotted: skips, rollbacks, OOM)" if key == "loss" else ""), fontsize=10)
@@ -679,15 +680,10 @@ def run_doctor(cfg: DoctorConfig) -> int:
     for run in runs:
         print(f"{run.path} ({run.label}): {len(run.findings) or 'no'} finding{'s' * (len(run.findings) != 1)}")
         for f in run.findings:
-            print(f"  {f.severity.upper():8} {f.title}" + (f" ({_span(f)})" if f.steps else ""))
-            print(f"           {f.evidence}")
-            for s in f.samples:
-                print(f"           sample: {s!r}")
-            print(f"           remedy: {f.remedy}")
+            print(f"  {f.severity.upper():8} {f.title}" + (f" ({_span(f)})" if f.steps else ""), f.evidence,
+                  *[f"sample: {s!r}" for s in f.samples], f"remedy: {f.remedy}", sep="\n" + " " * 11)
     print("wrote " + " and ".join(map(str, written)))
-    if cfg.fail_on == "never":
-        return 0
-    gate = SEVERITIES[:SEVERITIES.index(cfg.fail_on) + 1]
+    gate = SEVERITIES[:SEVERITIES.index(cfg.fail_on) + 1] if cfg.fail_on != "never" else ()
     return 1 if any(f.severity in gate for r in runs for f in r.findings) else 0
 
 
