@@ -239,7 +239,7 @@ def check_loss(run: Run) -> list[Finding]:
                            "lower train.lr (by 3-10x), raise train.warmup_steps, keep train.grad_clip at 1.0; "
                            "guards.spike_factor skips outlier steps and rolls back when they repeat",
                            (steps[0], steps[-1])))
-    elif (first - last) / abs(first) < PLATEAU_DROP:
+    elif first - last < PLATEAU_DROP * abs(first):
         out.append(_plateau(run, steps, losses, first, last, k))
     else:
         out += _spikes(steps, losses)  # a diverging run spikes all along: the divergence finding says it
@@ -271,9 +271,12 @@ def _plateau(run: Run, steps: list[int], losses: list[float], first: float, last
         causes.append("data or objective problems: check the decoded samples below (labels, masking, shuffling, "
                       "tokenizer)" if samples else "data or objective problems (labels, masking, shuffling, "
                       "tokenizer); the run's token shards are not at hand to show samples")
-    return Finding("critical", "loss_plateau", "loss not decreasing",
+    # From scratch a flat loss means nothing is learnt; a tuned model's loss may start near its floor.
+    return Finding("critical" if run.kind in ("pretrain", "unknown") else "warning", "loss_plateau",
+                   "loss not decreasing",
                    f"loss {_g(first)} at steps {steps[0]}-{steps[k - 1]} -> {_g(last)} over the last {k} logged "
-                   f"steps (down {100 * (first - last) / abs(first):.2f} %, under {100 * PLATEAU_DROP:g} %); "
+                   f"steps (down {100 * (first - last) / max(abs(first), 1e-12):.2f} %, under "
+                   f"{100 * PLATEAU_DROP:g} %); "
                    + "; ".join(causes),
                    "raise train.lr toward the usual range, loosen train.grad_clip (1.0 is the usual), and check "
                    "the data: decode a few batches, make sure the labels are the inputs shifted by one",
