@@ -143,6 +143,13 @@ def test_throughput_drop_low_mfu_and_gpu_util(tmp_path):
     assert "throughput_drop" not in codes(short)  # 0.1 s of slowness is noise, not a finding
 
 
+def test_overfitting_found_when_train_lines_are_sparse(tmp_path):
+    lines = [r for r in steps(400) if r["step"] % 10 == 0]  # log_every 10
+    lines += [{"step": s, "val_loss": 2.0 - s / 400 if s <= 200 else 1.5 + (s - 200) / 400} for s in range(0, 401, 50)]
+    found = {f.code: f for f in diagnose(read_run(write_run(tmp_path / "sparse", lines, PRETRAIN)))}
+    assert list(found) == ["overfitting"] and found["overfitting"].steps == (200, 400)
+
+
 def test_spike_grad_growth_no_warmup_and_tight_clipping(tmp_path):
     spiky = write_run(tmp_path / "spike", steps(100, loss=lambda s: 9.0 if s == 60 else 3.0 * 0.99 ** s + 1.0),
                       PRETRAIN)

@@ -354,9 +354,11 @@ def check_overfitting(run: Run) -> list[Finding]:
     if best is last or last["val_loss"] < best["val_loss"] * (1 + OVERFIT_RISE):
         return []
     steps, losses = run.series("loss")
-    near_best = [v for s, v in zip(steps, losses) if abs(s - best["step"]) <= max(1, len(steps) // 20)]
-    _, train_end, _ = _head_tail(losses) if len(losses) >= 3 else (0, float("nan"), 0)
-    if not near_best or not train_end < statistics.median(near_best):
+    if len(losses) < MIN_TREND_LINES:
+        return []
+    _, train_end, k = _head_tail(losses)
+    near_best = [v for _, v in sorted(zip(steps, losses), key=lambda sv: abs(sv[0] - best["step"]))[:k]]
+    if not train_end < statistics.median(near_best):
         return []
     rise = last["val_loss"] / best["val_loss"] - 1
     return [Finding("warning", "overfitting", "overfitting: validation loss rising while training loss falls",
@@ -372,21 +374,24 @@ def train_tokens(run: Run) -> tuple[float, str] | None:
     if run.kind == "pretrain":
         dirs = [run.setting("data.dir")] if run.setting("data.dir") else list(run.setting("data.mix") or {})
         total = 0
-        for d in dirs:
-            meta, bin_ = Path(d) / "meta.json", Path(d) / "train.bin"
-            if meta.is_file():
-                total += json.loads(meta.read_text())["n_tokens"]["train"]
-            elif bin_.is_file():
-                total += bin_.stat().st_size // 2  # nanoGPT's shards are uint16
-            else:
-                return None
+        try:
+            for d in dirs:
+                meta, bin_ = Path(d) / "meta.json", Path(d) / "train.bin"
+                if meta.is_file():
+                    total += json.loads(meta.read_text())["n_tokens"]["train"]
+                elif bin_.is_file():
+                    total += bin_.stat().st_size // 2  # nanoGPT's shards are uint16
+                else:
+                    return None
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
         return (total, " + ".join(str(d) for d in dirs)) if total else None
     report = run.path / "data_report.json"
-    if run.kind == "finetune" and report.is_file():
-        r = json.loads(report.read_text())
-        if r.get("n_examples"):
-            return r["n_tokens"] * r["n_train"] / r["n_examples"], str(report)
-    return None
+    try:
+        r = json.loads(report.read_text()) if run.kind == "finetune" and report.is_file() else {}
+        return (r["n_tokens"] * r["n_train"] / r["n_examples"], str(report)) if r.get("n_examples") else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def check_repetition(run: Run) -> list[Finding]:
