@@ -194,11 +194,14 @@ DPO = {"algorithm": "dpo", "method": "lora", "base_model": "x", "train": {"warmu
 GRPO = {"algorithm": "grpo", "method": "lora", "base_model": "x", "train": {"warmup_steps": 5}}
 
 
-def test_dpo_accuracy_at_chance_is_critical_learning_is_quiet(tmp_path):
+def test_dpo_accuracy_at_chance_or_zero_is_critical_learning_is_quiet(tmp_path):
     stuck = write_run(tmp_path / "stuck", steps(60, loss=lambda s: 0.693,
                                                  **{"rewards/accuracies": lambda s: 0.5 + 0.02 * (-1) ** s}), DPO)
     found = codes(stuck)
-    assert found["accuracy_chance"] == "critical" and found["loss_plateau"] == "warning"  # tuned weights: may be flat
+    assert found["accuracy_stuck"] == "critical" and found["loss_plateau"] == "warning"  # tuned weights: may be flat
+    tied = write_run(tmp_path / "tied", steps(60, loss=lambda s: 0.693, **{"rewards/accuracies": lambda s: 0.0}), DPO)
+    stuck_at_0 = next(f for f in diagnose(read_run(tied)) if f.code == "accuracy_stuck")
+    assert "stuck at 0" in stuck_at_0.title and "score the same" in stuck_at_0.evidence
     learning = write_run(tmp_path / "learns", steps(60, loss=lambda s: 0.693 * 0.98 ** s,
                                                     **{"rewards/accuracies": lambda s: min(0.95, 0.5 + s / 50)}), DPO)
     assert codes(learning) == {}

@@ -45,7 +45,7 @@ THROUGHPUT_DROP = 0.5  # a rolling median under half the run's median is a slowd
 THROUGHPUT_MIN_DROP_S = 10.0  # shorter dips are evals, checkpoints and other processes
 LOW_MFU = 0.2  # tuned dense training reaches 0.35-0.55 (PaLM 0.46); under 0.2 the GPU mostly waits
 LOW_GPU_UTIL = 50.0  # NVML percent of time a kernel ran: under half, the input pipeline or host syncs dominate
-ACC_STUCK_BAND = 0.05  # preference accuracy within 0.05 of a coin flip over the last quarter: nothing learnt
+ACC_STUCK_BAND = 0.05  # preference accuracy within 0.05 of a coin flip (or of 0: ties) over the last quarter
 ZERO_STD_WARN = 0.5  # equal rewards in a group give zero advantage: past half the groups, most compute is wasted
 # KL exploding: last quarter above this (GRPO per token, healthy ~0.01-0.1; PPO per sequence, Ziegler steers to 6)
 KL_HIGH = {"kl": 0.5, "objective/kl": 20.0}
@@ -493,13 +493,16 @@ def check_alignment(run: Run) -> list[Finding]:
         steps, acc = run.series(key)
         if len(acc) >= MIN_TREND_LINES:
             tail = acc[-max(1, len(acc) // 4):]
-            if abs(statistics.mean(tail) - 0.5) < ACC_STUCK_BAND:
-                out.append(Finding("critical", "accuracy_chance", "preference accuracy stuck at 0.5",
-                                   f"{key} {statistics.mean(tail):.3f} on average over the last {len(tail)} logged "
-                                   f"steps (to step {steps[-1]}): chosen is preferred no more often than by chance",
-                                   "check that chosen/rejected are not swapped or identical, that the reference is "
-                                   "the policy's starting point, and raise train.lr or dpo.beta",
-                                   (steps[-len(tail)], steps[-1])))
+            mean = statistics.mean(tail)
+            if abs(mean - 0.5) < ACC_STUCK_BAND or mean < ACC_STUCK_BAND:  # at 0: every pair ties (no margin)
+                what = ("chosen is preferred no more often than by chance" if mean > ACC_STUCK_BAND else "chosen and "
+                        "rejected score the same: identical answers, or a policy that has not moved")
+                at = round(mean * 2) / 2
+                out.append(Finding("critical", "accuracy_stuck", f"preference accuracy stuck at {at:g}",
+                                   f"{key} {mean:.3f} on average over the last {len(tail)} logged steps (to step "
+                                   f"{steps[-1]}): {what}", "check that chosen/rejected are not swapped or "
+                                   "identical, that the reference is the policy's starting point, and raise "
+                                   "train.lr or dpo.beta", (steps[-len(tail)], steps[-1])))
     steps, zero = run.series("frac_reward_zero_std")
     if zero and statistics.mean(zero) > ZERO_STD_WARN:
         every = min(zero) >= 1.0
