@@ -57,7 +57,7 @@ def test_healthy_run_has_no_findings_and_exits_0(healthy, tmp_path):
 def test_lr_1_diverges_critical_and_exit_1(diverged, healthy, tmp_path):
     found = codes(diverged)
     assert found["loss_diverged"] == "critical" and found["lr_too_high"] == "warning"
-    assert "loss_plateau" not in found
+    assert "loss_plateau" not in found and "overfitting" not in found  # val never improved: not overfitting
     # Several runs: one report overlaying them, written to --out; the critical one gates the exit status.
     assert run_doctor(DoctorConfig(runs=[healthy, diverged], out=tmp_path)) == 1
     md = (tmp_path / "doctor.md").read_text()

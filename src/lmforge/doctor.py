@@ -351,8 +351,8 @@ def check_overfitting(run: Run) -> list[Finding]:
         return []
     best = min(evals, key=lambda e: e["val_loss"])
     last = evals[-1]
-    if best is last or last["val_loss"] < best["val_loss"] * (1 + OVERFIT_RISE):
-        return []
+    if best is last or best is evals[0] or last["val_loss"] < best["val_loss"] * (1 + OVERFIT_RISE):
+        return []  # a validation loss that never improved is a divergence or plateau, not overfitting
     steps, losses = run.series("loss")
     if len(losses) < MIN_TREND_LINES:
         return []
