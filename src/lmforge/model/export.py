@@ -7,19 +7,29 @@ from pathlib import Path
 
 from lmforge import runs
 from lmforge.errors import UserError
+from lmforge.model.gguf_export import export_gguf, hf_dtype
 from lmforge.model.load import is_reward_model, load_model, load_tokenizer, model_source_info, resolve
 from lmforge.model.sharded import export_sharded, is_sharded
 
 
 def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = False, dtype=None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, format: str = "hf") -> dict:
     """Write `spec` (alias, .gguf, HF dir, run, or adapter with merge_lora) to `out_dir`; returns a summary.
 
     An adapter is merged into its base with PEFT's merge_and_unload at the base's dtype; `dtype` then casts
     the result. The directory is written to a temp sibling and renamed, so `out_dir` is never half-written.
+    format="gguf" writes one GGUF file for llama.cpp instead (model/gguf_export.py), `dtype` then f16, bf16,
+    q8_0, q4_0 or f32.
     """
     import torch
 
+    if format == "gguf":
+        return export_gguf(spec, out_dir, dtype=dtype, merge_lora=merge_lora, overwrite=overwrite)
+    if format != "hf":
+        raise UserError(f"unknown export format {format!r}: use hf (a model directory) or gguf (one llama.cpp file)")
+    if Path(out_dir).suffix == ".gguf":
+        raise UserError(f"--out {out_dir} names a .gguf file: pass --format gguf (format='gguf') to write GGUF")
+    dtype = hf_dtype(dtype) if isinstance(dtype, str) else dtype
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
