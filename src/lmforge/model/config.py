@@ -99,3 +99,11 @@ def n_params(cfg: ModelConfig, include_embeddings: bool = False) -> int:
     body = cfg.num_layers * (attn + mlp + 2 * d) + d
     emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     return body + (emb if include_embeddings else 0)
+
+
+def flops_per_token(n_params_no_emb: int, num_layers: int, hidden: int, seq_len: int, vocab_size: int) -> float:
+    """Training FLOPs per token: 6N for the body and the output head, plus attention 12·L·h·s (PaLM appendix B).
+
+    Here, with the shapes, so MFU logging (train/) and cost planning (plan/, which must not import torch) share it.
+    """
+    return 6 * (n_params_no_emb + vocab_size * hidden) + 12 * num_layers * hidden * seq_len

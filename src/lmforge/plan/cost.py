@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from lmforge.config import Strict
 from lmforge.errors import UserError
-from lmforge.model.config import PRESETS, ModelConfig, n_params
+from lmforge.model.config import PRESETS, ModelConfig, flops_per_token, n_params
 from lmforge.plan.cost_sources import (GPUS, Gpu, Throughput, bench_throughput, find_gpu, load_prices, metrics_throughput,
                                        run_mfu)
 
@@ -82,14 +82,6 @@ class PlanCostConfig(Strict):
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
-
-def flops_per_token(n_params_no_emb: int, num_layers: int, hidden: int, seq_len: int, vocab_size: int) -> float:
-    """Training FLOPs per token: 6N for the body and output head plus attention 12·L·h·s (PaLM appendix B).
-
-    The same formula as lmforge.train.metrics.flops_per_token (a test keeps them equal); that module imports torch,
-    which this path must not (it prints in under 2 s)."""
-    return 6 * (n_params_no_emb + vocab_size * hidden) + 12 * num_layers * hidden * seq_len
-
 
 @dataclass(frozen=True)
 class TrainCost:

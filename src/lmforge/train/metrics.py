@@ -24,11 +24,6 @@ def device_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(n_params_no_emb: int, num_layers: int, hidden: int, seq_len: int, vocab_size: int) -> float:
-    """Training FLOPs per token: 6N for the body and the output head, plus attention (PaLM appendix B)."""
-    return 6 * (n_params_no_emb + vocab_size * hidden) + 12 * num_layers * hidden * seq_len
-
-
 def memory_gb(device: torch.device) -> float:
     """Peak memory: CUDA allocator peak on GPUs, peak RSS of this process on CPU."""
     if device.type == "cuda":

@@ -6,14 +6,13 @@ from pathlib import Path
 from lmforge.config import dump_config
 from lmforge.errors import UserError
 from lmforge.model.build import build_model
-from lmforge.model.config import n_params
+from lmforge.model.config import flops_per_token, n_params
 from lmforge.model.sharded import read_safetensors, write_model_dir
 from lmforge.train.config import PretrainConfig
 from lmforge.train.deepspeed import deepspeed_notice
 from lmforge.train.data import MixtureSampler, PretrainData, SourceTokens, micro_batches
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.train.loop import Job, RunSpec, train
-from lmforge.train.metrics import flops_per_token
 from lmforge.train.objectives import causal_lm
 
 
