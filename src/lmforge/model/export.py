@@ -1,6 +1,7 @@
 """Export any model source as a clean standalone HF directory (safetensors, tokenizer, generation config)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,7 +10,8 @@ from lmforge import runs
 from lmforge.errors import UserError
 from lmforge.model.gguf_export import export_gguf, hf_dtype
 from lmforge.model.load import is_reward_model, load_model, load_tokenizer, model_source_info, resolve
-from lmforge.model.sharded import export_sharded, is_sharded
+from lmforge.model.sharded import (LazyWeights, ShardedCheckpointError, ShardedWeights, is_sharded, tensor_index,
+                                   write_model_dir)
 
 
 def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = False, dtype=None,
@@ -92,3 +94,34 @@ def sharded_checkpoint(spec: str | Path) -> Path | None:
     if is_sharded(path) and not (path / "config.json").is_file():
         return path
     return None
+
+
+def export_sharded(checkpoint: Path, out: Path, dtype=None) -> dict:
+    """Write a pretraining run's sharded checkpoint as an HF model directory, streamed tensor by tensor.
+
+    The model shape comes from the config stored in the checkpoint, the tokenizer and EOS id from its token
+    shards' meta.json when they are still there. Fine-tuning and alignment checkpoints carry their base
+    model's own files at the end of the run; their intermediate shards are resumed, not exported.
+    """
+    import torch
+
+    from lmforge.model.build import hf_weights
+    from lmforge.model.config import ModelConfig
+
+    state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    config = state.get("config") or {}
+    if "model" not in config or "data" not in config:
+        raise ShardedCheckpointError(f"{checkpoint} is a sharded fine-tuning or alignment checkpoint; export its "
+                                     "run's final checkpoint (it has HF files), or resume the run to its end")
+    cfg = ModelConfig(**config["model"])
+    data = config["data"]
+    source = Path(data["dir"]) if data.get("dir") else Path(next(iter(data.get("mix") or {}), ""))
+    meta = json.loads((source / "meta.json").read_text()) if (source / "meta.json").is_file() else {}
+    tokenizer = Path(meta["tokenizer"]) if meta.get("tokenizer") else None
+    weights = hf_weights(cfg, ShardedWeights(checkpoint, "model"))
+    if dtype is not None:
+        weights = LazyWeights({k: (lambda k=k: weights[k].to(dtype)) for k in weights})
+    write_model_dir(out, weights, cfg.hf_config_dict(meta.get("eos_id")), tokenizer, meta.get("eos_id"))
+    model_tensors = [v for k, v in tensor_index(checkpoint).items() if k.startswith("model.")]
+    return {"params": sum(shape.numel() for shape, _ in model_tensors),
+            "dtype": str(dtype or model_tensors[0][1]).removeprefix("torch.")}

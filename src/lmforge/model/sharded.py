@@ -230,31 +230,3 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         out.update(load_file(str(directory / f)))
     return out
 
-
-def export_sharded(checkpoint: Path, out: Path, dtype: torch.dtype | None = None) -> dict:
-    """Write a pretraining run's sharded checkpoint as an HF model directory, streamed tensor by tensor.
-
-    The model shape comes from the config stored in the checkpoint, the tokenizer and EOS id from its token
-    shards' meta.json when they are still there. Fine-tuning and alignment checkpoints carry their base
-    model's own files at the end of the run; their intermediate shards are resumed, not exported.
-    """
-    from lmforge.model.build import hf_weights
-    from lmforge.model.config import ModelConfig
-
-    state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=True)
-    config = state.get("config") or {}
-    if "model" not in config or "data" not in config:
-        raise ShardedCheckpointError(f"{checkpoint} is a sharded fine-tuning or alignment checkpoint; export its "
-                                     "run's final checkpoint (it has HF files), or resume the run to its end")
-    cfg = ModelConfig(**config["model"])
-    data = config["data"]
-    source = Path(data["dir"]) if data.get("dir") else Path(next(iter(data.get("mix") or {}), ""))
-    meta = json.loads((source / "meta.json").read_text()) if (source / "meta.json").is_file() else {}
-    tokenizer = Path(meta["tokenizer"]) if meta.get("tokenizer") else None
-    weights = hf_weights(cfg, ShardedWeights(checkpoint, "model"))
-    if dtype is not None:
-        weights = LazyWeights({k: (lambda k=k: weights[k].to(dtype)) for k in weights})
-    write_model_dir(out, weights, cfg.hf_config_dict(meta.get("eos_id")), tokenizer, meta.get("eos_id"))
-    model_tensors = [v for k, v in tensor_index(checkpoint).items() if k.startswith("model.")]
-    return {"params": sum(shape.numel() for shape, _ in model_tensors),
-            "dtype": str(dtype or model_tensors[0][1]).removeprefix("torch.")}
