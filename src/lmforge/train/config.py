@@ -9,7 +9,9 @@ from pydantic import Field, field_validator, model_validator
 
 from lmforge.config import Strict
 from lmforge.model.config import ModelConfig
+from lmforge.train.curriculum import CurriculumConfig
 from lmforge.train.deepspeed import merge_deepspeed
+from lmforge.train.ewc import EWCConfig
 from lmforge.train.sft_data import SFTDataConfig
 
 
@@ -162,9 +164,20 @@ class PretrainConfig(Strict):
     deepspeed: Path | dict | None = Field(None, description=DEEPSPEED_HELP)
     guards: GuardConfig = GuardConfig()
     log: LogConfig = LogConfig()
+    curriculum: CurriculumConfig | None = Field(None, description="train windows in curriculum order (train/curriculum.py)")
 
     _resume = field_validator("resume")(check_resume)
     _deepspeed = model_validator(mode="before")(apply_deepspeed)
+
+    @model_validator(mode="after")
+    def _check_curriculum(self):
+        cur = self.curriculum
+        if cur is not None and (cur.difficulty != "perplexity" or cur.reference_model is None):
+            raise ValueError("pretraining's curriculum scores fixed windows by perplexity: set curriculum.difficulty="
+                             "perplexity and curriculum.reference_model (length and field are for fine-tuning)")
+        if cur is not None and (self.data.mix is not None or self.data.sampling != "random"):
+            raise ValueError("curriculum needs data.dir with data.sampling=random (it replaces the sampler)")
+        return self
 
 
 class FinetuneTrainConfig(TrainConfig):
@@ -211,12 +224,16 @@ class FinetuneConfig(Strict):
     deepspeed: Path | dict | None = Field(None, description=DEEPSPEED_HELP)
     guards: GuardConfig = GuardConfig()
     log: LogConfig = LogConfig()
+    ewc: EWCConfig | None = Field(None, description="elastic weight consolidation toward an old task (train/ewc.py)")
+    curriculum: CurriculumConfig | None = Field(None, description="train examples in curriculum order (train/curriculum.py)")
 
     _resume = field_validator("resume")(check_resume)
     _deepspeed = model_validator(mode="before")(apply_deepspeed)
 
     @model_validator(mode="after")
     def _check(self):
+        if self.ewc is not None and self.train.parallel in ("fsdp", "hsdp"):
+            raise ValueError(f"ewc supports train.parallel=none or ddp (got {self.train.parallel}: sharded parameters)")
         if self.method == "qlora" and self.train.parallel in ("fsdp", "hsdp"):
             raise ValueError(f"method=qlora does not support train.parallel={self.train.parallel} (4-bit weights cannot "
                              "be sharded); use ddp")

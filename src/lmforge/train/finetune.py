@@ -188,7 +188,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             raise UserError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
         precision = resolve_precision(tc.precision, rt.device)
         tokenizer = load_tokenizer(cfg.base_model)
-        data = load_sft_data(cfg.data, tokenizer, cfg.seed)
+        data = load_sft_data(cfg.data, tokenizer, cfg.seed, cfg.curriculum.field if cfg.curriculum else None)
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         if rt.is_main:
             dump_config(cfg, cfg.out_dir / "config.yaml")
@@ -204,9 +204,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
             print(line, flush=True)
         save_model, load_model = model_writers(cfg, model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        batches = train_batches(data, cfg.seed, cfg.data.packing, cfg.data.max_length, pad_id)
+        if cfg.curriculum is not None:
+            from lmforge.train.curriculum import sft_curriculum
+            batches = sft_curriculum(cfg.curriculum, data.train, tokenizer, cfg.base_model, cfg.seed, cfg.data.packing,
+                                     cfg.data.max_length, pad_id, tc.max_steps, cfg.out_dir, rt)
+        objective, metrics = sft_loss, None
+        if cfg.ewc is not None:
+            from lmforge.train.ewc import ewc_objective
+            objective, metrics = ewc_objective(cfg.ewc, model, sft_loss, tokenizer, cfg.seed, tc.micro_batch_size,
+                                               cfg.out_dir, precision, rt)
         job = Job(
-            model=model, objective=sft_loss,
-            train_batches=train_batches(data, cfg.seed, cfg.data.packing, cfg.data.max_length, pad_id),
+            model=model, objective=objective, train_batches=batches, metrics=metrics,
             eval_batches=(lambda mbs, rank, world: eval_batches(data, mbs, rank, world)) if data.val else None,
             save_model=save_model, load_model=load_model, batch_tokens=batch_tokens,
             trainable_only=cfg.method != "full", blocks=decoder_layers(model),

@@ -39,6 +39,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
             dump_config(cfg, cfg.out_dir / "config.yaml")
         global_batch = tc.micro_batch_size * tc.grad_accum * rt.world_size
         train_sampler = data.sampler("train", seq_len, global_batch, cfg.seed)
+        if cfg.curriculum is not None:
+            from lmforge.train.curriculum import window_curriculum
+            train_sampler = window_curriculum(cfg.curriculum, data.train[0], seq_len, global_batch, cfg.seed,
+                                              tc.max_steps, cfg.model.vocab_size, cfg.out_dir, rt)
 
         def eval_batches(micro_bs: int, rank: int, world: int):
             # A fixed set: batch i of every eval is the same windows (the sampler keyed by seed + 1, step i).

@@ -80,6 +80,7 @@ class SFTDataConfig(Strict):
 class Example:
     input_ids: np.ndarray  # int32
     targets: np.ndarray  # bool, True where the token is one the model learns to produce
+    difficulty: float | None = None  # the record's curriculum.field value, when a curriculum reads one
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -249,8 +250,10 @@ def val_count(val_size: float, n: int) -> int:
     return max(1, round(val_size * n)) if val_size > 0 else 0
 
 
-def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
+def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int, difficulty_field: str | None = None) -> SFTData:
     """Read, render and tokenize `cfg.path`, then split off a validation set deterministic in `seed`.
+
+    `difficulty_field` (curriculum.field): each record's numeric value of it goes on its example; one without is an error.
 
     Chat data gives `tokenizer` a chat template first (cfg.chat_template, its own, else ChatML).
     """
@@ -270,7 +273,7 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
         from lmforge.tokens.chat import ensure_chat_template
 
         ensure_chat_template(tokenizer, cfg.chat_template)
-    wheres, parsed = [], []
+    wheres, parsed, difficulties = [], [], []
     for where, record in records:
         try:
             if not isinstance(record, dict):
@@ -282,6 +285,12 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
             else:
                 messages = chat_messages(record, cfg.system_prompt)
                 parsed.append((*render_chat(tokenizer, messages), messages[-1]["role"] == "assistant"))
+            if difficulty_field is not None:
+                value = record.get(difficulty_field)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise UserError(f"{where}: curriculum.field {difficulty_field!r} is "
+                                    f"{'missing' if value is None else 'not a number'} (keys: {sorted(record)})")
+                difficulties.append(float(value))
             wheres.append(where)
         except _Skip as e:
             skipped.skip(str(e), where)
@@ -290,12 +299,13 @@ def load_sft_data(cfg: SFTDataConfig, tokenizer, seed: int) -> SFTData:
 
     report = SFTReport(cfg.path, fmt, n_records=len(records), skipped=skipped)
     examples = []
-    for where, (ids, mask) in zip(wheres, encoded):
+    for k, (where, (ids, mask)) in enumerate(zip(wheres, encoded)):
         try:
             ex, cut = make_example(ids, mask, cfg.max_length)
         except _Skip as e:
             skipped.skip(str(e), where)
             continue
+        ex.difficulty = difficulties[k] if difficulties else None
         examples.append(ex)
         report.truncated += cut
         report.n_tokens += len(ex)
