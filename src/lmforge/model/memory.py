@@ -164,8 +164,10 @@ def _norm(t: int, d: int, p: int, consumers: int) -> int:
     return 4 * t + 4 * t * d + (4 * t * d if p == 4 else consumers * p * t * d)
 
 
-def layer_activations(shape: ModelShape, s: TrainSetup) -> int:
-    """Bytes one decoder layer keeps for its backward (micro-batch x sequence tokens)."""
+def layer_activations(shape: ModelShape, s: TrainSetup, first: bool = False) -> int:
+    """Bytes one decoder layer keeps for its backward (micro-batch x sequence tokens); `first`: layer 0."""
+    if s.method != "full":
+        return _adapter_layer(shape, s, first)
     b, n = s.micro_batch, s.seq_len
     t, d, f, hd = b * n, shape.hidden_size, shape.intermediate_size, shape.head_dim
     h, kv, p = shape.num_heads, shape.num_kv_heads, s.compute_bytes
@@ -176,30 +178,48 @@ def layer_activations(shape: ModelShape, s: TrainSetup) -> int:
             total += 3 * p * t * h * hd + (4 + p) * b * h * n * n + p * t * h * hd
         else:  # qkv output (v is a view of it), rotated q and k, SDPA's output and log-sum-exp
             total += p * t * (h + 2 * kv) * hd + p * t * (h + kv) * hd + p * t * h * hd + 4 * b * h * n
-        total += x + _norm(t, d, p, 1) + p * t * 2 * f + 2 * p * t * f  # gate_up output, silu, product
-    else:
-        total = x + _norm(t, d, p, 3)
-        total += p * t * h * hd + 2 * p * t * kv * hd + p * t * h * hd + 4 * b * h * n  # q, k rotated, v, out, lse
-        total += x + _norm(t, d, p, 2) + 4 * p * t * f  # gate, silu, up, product
-    if s.method != "full":
-        total += _lora_activations(shape, s)
-    return total
+        return total + x + _norm(t, d, p, 1) + p * t * 2 * f + 2 * p * t * f  # gate_up output, silu, product
+    total = x + _norm(t, d, p, 3)
+    total += p * t * h * hd + 2 * p * t * kv * hd + p * t * h * hd + 4 * b * h * n  # q, k rotated, v, out, lse
+    return total + x + _norm(t, d, p, 2) + 4 * p * t * f  # gate, silu, up, product
 
 
-def _lora_activations(shape: ModelShape, s: TrainSetup) -> int:
-    """What each adapter keeps: its input after dropout (and the dropout mask) and A's rank-r output."""
-    t, p = s.micro_batch * s.seq_len, s.compute_bytes
-    total = 0
-    for name, (i, _) in shape.linear_shapes().items():
-        if name in s.lora_targets:
-            total += (p * t * i + t * i if s.lora_dropout > 0 else 0) + p * t * s.lora_r
+def _adapter_layer(shape: ModelShape, s: TrainSetup, first: bool) -> int:
+    """A layer of a frozen base with adapters: frozen linears keep nothing; norms keep their fp32 input; adapters keep
+    their input (dropout's noise, in fp32 as peft casts to the adapter's dtype, and the cast for lora_A) and A's
+    output. LoRA's layer 0 gets an input without gradient (the frozen embedding), so its norm and q/k/v adapters
+    keep less, unless QLoRA recomputes (prepare_model_for_kbit_training then makes the embedding's output require
+    grad)."""
+    b, n = s.micro_batch, s.seq_len
+    t, d, f, hd = b * n, shape.hidden_size, shape.intermediate_size, shape.head_dim
+    h, kv, p = shape.num_heads, shape.num_kv_heads, s.compute_bytes
+    qlora = s.method == "qlora"
+    r = 4 if qlora or p == 4 else p  # the residual stream: QLoRA's embedding and norms are fp32
+    no_grad_in = first and not (qlora and s.grad_checkpointing)
+    shapes = shape.linear_shapes()
+
+    def adapter(name: str, grad_in: bool = True) -> int:
+        if name not in s.lora_targets:
+            return 0
+        i = shapes[name][0]
+        noise = 4 * t * i if s.lora_dropout > 0 and grad_in else 0
+        return noise + p * t * i + p * t * s.lora_r
+
+    norm = 4 * t * d + 4 * t
+    total = (0 if no_grad_in else norm) + sum(adapter(k, not no_grad_in) for k in ("q_proj", "k_proj", "v_proj"))
+    total += p * t * h * hd + 2 * p * t * kv * hd + p * t * h * hd + 4 * b * h * n + adapter("o_proj")
+    total += norm + 3 * r * t * f + adapter("gate_proj") + adapter("up_proj") + adapter("down_proj")
     return total
 
 
 def head_activations(shape: ModelShape, s: TrainSetup) -> int:
     """The final norm, the head's input, and the loss's three (tokens x vocab) fp32 tensors at its backward."""
     t, d, p = s.micro_batch * s.seq_len, shape.hidden_size, s.compute_bytes
-    return 4 * t * d + _norm(t, d, p, 1) + 3 * 4 * t * shape.vocab_size
+    loss = 3 * 4 * t * shape.vocab_size
+    if s.method == "full":
+        return 4 * t * d + _norm(t, d, p, 1) + loss
+    head_cast = p * shape.vocab_size * d if s.method == "qlora" and p != 4 else 0  # the fp32 head's autocast cast
+    return 4 * t * d + 4 * t + loss + head_cast
 
 
 def rope_bytes(shape: ModelShape, s: TrainSetup) -> int:
@@ -207,7 +227,8 @@ def rope_bytes(shape: ModelShape, s: TrainSetup) -> int:
     if s.impl == "lean":
         return 2 * s.seq_len * (shape.num_heads + shape.num_kv_heads) * shape.head_dim * s.compute_bytes \
             if s.precision != "fp32" else 0
-    return 2 * s.seq_len * shape.head_dim * 4
+    r = 4 if s.method in ("full", "qlora") else s.compute_bytes
+    return 2 * s.micro_batch * s.seq_len * shape.head_dim * r  # per row: fine-tuning passes position ids
 
 
 def activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
@@ -215,7 +236,7 @@ def activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     per_layer = layer_activations(shape, s)
     head = head_activations(shape, s) + rope_bytes(shape, s)
     if not s.grad_checkpointing:
-        return shape.num_layers * per_layer + head
+        return (shape.num_layers - 1) * per_layer + layer_activations(shape, s, first=True) + head
     kept = shape.num_layers * 4 * s.micro_batch * s.seq_len * shape.hidden_size  # each layer's input
     return kept + max(head, per_layer)
 
@@ -224,7 +245,7 @@ def training_memory(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     """Per-device memory of one training step at its peak, for our engine and setup."""
     e = MemoryEstimate()
     n, world = shape.n_params, s.world_size
-    shard = world if s.parallel == "fsdp" else 1
+    shard = world if s.parallel == "fsdp" else 1  # FSDP shards parameters, gradients and optimizer states
     p = s.compute_bytes
     matrices = shape.num_layers * shape.layer_matrix_params + shape.head_params + (
         shape.embedding_params if shape.tie_embeddings else 0)  # what the matmuls use (a tied head: the embedding)
@@ -232,15 +253,15 @@ def training_memory(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
         trained = n
         e.weights = 4 * n / shard
         e.notes.append("weights: fp32 parameters (the master weights; no second copy)")
-        if p != 4:
-            if s.parallel == "fsdp":  # FSDP gathers each block in the compute dtype: no autocast casts
-                block = shape.layer_matrix_params + 2 * shape.hidden_size
-                root = shape.embedding_params + shape.head_params + shape.hidden_size
-                e.buffers += p * (2 * block + root)
-                e.notes.append("buffers: FSDP gathers two blocks and the root (embedding, head) in the compute dtype")
-            else:
-                e.weights += p * matrices
-                e.notes.append(f"weights: + autocast's {p}-byte cast of every matrix, alive until its backward")
+        if s.parallel == "fsdp" and world > 1:  # gathered in the compute dtype, so autocast casts nothing
+            block = shape.layer_matrix_params + 2 * shape.hidden_size
+            root = shape.embedding_params + shape.head_params + shape.hidden_size
+            e.buffers += p * (block + root)
+            e.notes.append("buffers: FSDP's gathered root (embedding, head) and one gathered block, in the compute "
+                           "dtype")
+        elif p != 4:
+            e.weights += p * matrices
+            e.notes.append(f"weights: + autocast's {p}-byte cast of every matrix, alive until its backward")
     else:
         trained = lora_params(shape, s.lora_r, s.lora_targets)
         rest = n - shape.num_layers * shape.layer_matrix_params

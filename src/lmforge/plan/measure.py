@@ -134,3 +134,76 @@ def measure_steps(model: torch.nn.Module, blocks: list, objective, make_batch, t
         return {"peak": tracker.peak, "start": tracker.start, "rank": rt.rank, "precision": engine.precision}
     finally:
         shutdown(rt)
+
+
+def lm_batch(vocab_size: int, seq_len: int):
+    """make_batch for causal_lm: random token windows (what the memory depends on is only their shape)."""
+    def make(n: int):
+        x = torch.randint(0, vocab_size, (n, seq_len + 1))
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    return make
+
+
+def sft_batch(vocab_size: int, seq_len: int):
+    """make_batch for sft_loss: full rows, every position a target, positions 0..seq_len-1 (one example a row)."""
+    def make(n: int):
+        x = torch.randint(0, vocab_size, (n, seq_len + 1))
+        return {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous(),
+                "position_ids": torch.arange(seq_len).expand(n, seq_len).contiguous()}
+    return make
+
+
+def measure_pretrain(model_cfg, tc, seed: int = 0) -> dict:
+    """The tracked peak of pretraining `model_cfg` (a ModelConfig with vocab_size set) per `tc`."""
+    from lmforge.model.build import build_model
+    from lmforge.train.objectives import causal_lm
+
+    built = build_model(model_cfg, seed)
+    return measure_steps(built.module, built.blocks, causal_lm, lm_batch(model_cfg.vocab_size, model_cfg.max_seq_len),
+                         tc)
+
+
+def measure_finetune(cfg, seq_len: int) -> dict:
+    """The tracked peak of fine-tuning per `cfg` (a FinetuneConfig) on rows of `seq_len` tokens."""
+    from lmforge.device import resolve_precision
+    from lmforge.train.distributed import init_runtime
+    from lmforge.train.finetune import build_model, decoder_layers, sft_loss
+
+    rt = init_runtime(cfg.train.device, "none", cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, resolve_precision(cfg.train.precision, rt.device), rt.device)
+    return measure_steps(model, decoder_layers(model), sft_loss, sft_batch(model.config.vocab_size, seq_len), cfg.train)
+
+
+def _rank_main(rank: int, world: int, port: int, model_cfg: dict, train_cfg: dict, results) -> None:
+    """One process of `measure_pretrain_ranks` (a spawn target, so it is importable)."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.train.config import TrainConfig
+
+    spawn_env(rank, world, port)
+    results.put(measure_pretrain(ModelConfig(**model_cfg), TrainConfig(**train_cfg)))
+
+
+def measure_pretrain_ranks(model_cfg, tc, world: int = 2, timeout: float = 300) -> list[dict]:
+    """measure_pretrain in `world` processes (torchrun's environment, gloo) for train.parallel=ddp|fsdp; per rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, model_cfg.model_dump(), tc.model_dump(), results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return sorted(out, key=lambda r: r["rank"])
