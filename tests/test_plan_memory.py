@@ -10,6 +10,7 @@ import pytest
 
 from conftest import require
 from lmforge.cli import main
+from lmforge.errors import UserError
 from lmforge.model.config import ModelConfig
 from lmforge.model.memory import GB, ModelShape, TrainSetup, quantized_bytes, training_memory
 from lmforge.train.config import FinetuneConfig, TrainConfig
@@ -162,3 +163,36 @@ def test_two_process_estimate_matches_measured_peak(parallel):
     assert len(ranks) == 2
     for measured in ranks:
         assert abs(_ratio(estimate, measured) - 1) < 0.10
+
+
+# ---- train.auto_micro_batch ----------------------------------------------------------------------------------------
+
+def test_fit_micro_batch_keeps_the_windows_per_step():
+    from lmforge.model.memory import fit_micro_batch
+
+    shape = ModelShape.from_config(ModelConfig(preset="124m", vocab_size=50304))
+    setup = TrainSetup(micro_batch=16, grad_accum=2, seq_len=1024, cuda=True)
+    at = {mb: training_memory(shape, TrainSetup(micro_batch=mb, grad_accum=32 // mb, seq_len=1024)).total
+          for mb in (4, 8)}
+    assert fit_micro_batch(shape, setup, (at[4] + at[8]) / 2) == (4, 8)
+    assert fit_micro_batch(shape, setup, 1e15) == (32, 1)
+    with pytest.raises(UserError, match="auto_micro_batch"):
+        fit_micro_batch(shape, setup, 1e6)
+
+
+def test_pretrain_auto_micro_batch_writes_the_sizes_it_chose(char_shards, tmp_path, monkeypatch):
+    import yaml
+
+    from conftest import TINY
+    from lmforge.model import memory
+
+    shape = ModelShape.from_config(ModelConfig(preset="tiny", max_seq_len=32, vocab_size=65))
+    # A "device" with room for a micro-batch of 2 windows of 32 tokens, not 4 (this machine's RAM, shrunk).
+    room = training_memory(shape, TrainSetup(micro_batch=2, grad_accum=4, seq_len=32, precision="fp32",
+                                             cuda=False)).total * 1.01
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: room if name == "SC_PAGE_SIZE" else 1)
+    out = tmp_path / "run"
+    assert main(["pretrain", f"data.dir={char_shards}", f"out_dir={out}", *TINY, "train.max_steps=2",
+                 "train.precision=fp32", "train.micro_batch_size=8", "train.auto_micro_batch=true"]) == 0
+    written = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (written["micro_batch_size"], written["grad_accum"]) == (2, 4)

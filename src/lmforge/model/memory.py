@@ -17,7 +17,8 @@ tensor with lmforge.plan.measure on CPU:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 GB = 1e9  # decimal gigabytes, as device makers and the guides count
 QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
@@ -304,3 +305,32 @@ def serving_memory(shape: ModelShape, max_batch: int, max_model_len: int, dtype_
     if cuda:
         e.overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_FRACTION * e.tensors
     return e
+
+
+def fit_micro_batch(shape: ModelShape, s: TrainSetup, capacity: float) -> tuple[int, int]:
+    """The largest micro-batch that divides micro_batch x grad_accum and whose estimate fits `capacity` bytes, with
+    the accumulation that keeps the same windows per step."""
+    from lmforge.errors import UserError
+
+    batch = s.micro_batch * s.grad_accum
+    for mb in sorted((m for m in range(1, batch + 1) if batch % m == 0), reverse=True):
+        if training_memory(shape, replace(s, micro_batch=mb, grad_accum=batch // mb)).total <= capacity:
+            return mb, batch // mb
+    need = training_memory(shape, replace(s, micro_batch=1, grad_accum=batch)).total
+    raise UserError(f"train.auto_micro_batch: even micro_batch_size=1 needs ~{need / GB:.1f} GB, more than this "
+                    f"device's {capacity / GB:.1f} GB; run `lmforge plan memory` with your config for what would fit")
+
+
+def auto_micro_batch(shape: ModelShape, tc, seq_len: int, precision: str, device, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) for a pretraining TrainConfig `tc` on a torch `device`, by fit_micro_batch."""
+    import torch
+
+    cuda = device.type == "cuda"
+    capacity = torch.cuda.get_device_properties(device).total_memory if cuda else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    eager = device.type == "cpu" and precision != "fp32"  # the lean model's attention path (llama.py)
+    setup = TrainSetup(micro_batch=tc.micro_batch_size, seq_len=seq_len, grad_accum=tc.grad_accum, precision=precision,
+                       grad_checkpointing=tc.grad_checkpointing, attention="eager" if eager else "sdpa",
+                       parallel=tc.parallel, world_size=world_size, cpu_offload=bool(getattr(tc, "cpu_offload", False)),
+                       cuda=cuda)
+    return fit_micro_batch(shape, setup, capacity)

@@ -80,6 +80,9 @@ class TrainConfig(Strict):
     max_steps: int = Field(1000, gt=0)
     micro_batch_size: int = Field(8, gt=0, description="windows per forward pass on one process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    auto_micro_batch: bool = Field(False, description="pretraining: the largest micro_batch_size the memory planner "
+                                                      "says fits the device, dividing micro_batch_size x grad_accum "
+                                                      "(grad_accum grows to keep the windows per step)")
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -194,6 +197,14 @@ class FinetuneTrainConfig(TrainConfig):
     ckpt_every: int = Field(100, ge=0, description="0: only the final checkpoint")
     keep_last: int = Field(2, gt=0, description="checkpoints kept; older ones are deleted")
     liger: bool = Field(False, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); CUDA + pip install liger-kernel")
+
+    @field_validator("auto_micro_batch")
+    @classmethod
+    def _pretraining_only(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("is for pretraining; for fine-tuning and alignment run `lmforge plan memory CONFIG "
+                             "--device NAME`, which names the micro-batch that fits")
+        return v
 
 
 class LoraConfigSection(Strict):

@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import dump_config
+from lmforge.device import resolve_precision
 from lmforge.errors import UserError
 from lmforge.model.build import build_model
 from lmforge.model.config import flops_per_token, n_params
+from lmforge.model.memory import ModelShape, auto_micro_batch
 from lmforge.model.sharded import read_safetensors, write_model_dir
 from lmforge.train.config import PretrainConfig
 from lmforge.train.deepspeed import deepspeed_notice
@@ -33,6 +35,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         seq_len = cfg.data.seq_len or cfg.model.max_seq_len
         if seq_len > cfg.model.max_seq_len:
             raise UserError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
+        if tc.auto_micro_batch:  # before the config is written, so config.yaml holds the sizes the run used
+            tc.micro_batch_size, tc.grad_accum = auto_micro_batch(ModelShape.from_config(cfg.model), tc, seq_len,
+                                                                  resolve_precision(tc.precision, rt.device),
+                                                                  rt.device, rt.world_size)
 
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         if rt.is_main:
