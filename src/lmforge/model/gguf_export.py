@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from hashlib import sha256
@@ -105,7 +106,7 @@ def write_gguf(model_dir: Path, out: Path, dtype: str | None, *, name: str, gene
     ggml_type = (DTYPES[dtype][1] if dtype else
                  "BF16" if next(t["source_dtype"] for t in tensors if len(t["shape"]) == 2) == "BF16" else "F16")
     for t in tensors:
-        t["type"] = _tensor_type(t, ggml_type)
+        t["type"] = _tensor_type(t, ggml_type, config.get("tie_word_embeddings", False))
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
@@ -204,12 +205,15 @@ def _plan_tensors(model_dir: Path, config: dict, dtype: str | None) -> list[dict
     return plan
 
 
-def _tensor_type(t: dict, ggml_type: str) -> str:
-    """llama.cpp's converter's choice: 1-D tensors and norms F32; a row not a whole number of blocks F16."""
+def _tensor_type(t: dict, ggml_type: str, tied: bool) -> str:
+    """llama.cpp's choice: 1-D tensors and norms F32; a row not a whole number of blocks F16; under Q4_0 the
+    output head (token_embd when tied) Q8_0, llama-quantize's own fallback for its Q6_K (gguf cannot write Q6_K)."""
     import gguf
 
     if len(t["shape"]) <= 1 or t["gguf_name"].endswith("_norm.weight"):
         return "F32"
+    if ggml_type == "Q4_0" and t["gguf_name"] == ("token_embd.weight" if tied else "output.weight"):
+        ggml_type = "Q8_0"
     block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
     return ggml_type if t["shape"][-1] % block == 0 else "F16"
 
@@ -314,6 +318,8 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     special.add_special_token = _added_specials(tok)
     if special.chat_template is None:  # lmforge's chat and serve use ChatML for such a tokenizer: so does llama.cpp
         special.chat_template = tok.chat_template or CHATML_TEMPLATE
+    if isinstance(special.chat_template, str):  # transformers' assistant-mask markers; other Jinja engines reject them
+        special.chat_template = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", special.chat_template)
     special.add_to_gguf(writer, quiet=True)
 
 
