@@ -203,3 +203,22 @@ def test_smollm2_matches_llama_cpps_own_conversion(smollm2_cache, tmp_path, monk
         x = gguf.quants.dequantize(a.data, a.tensor_type)
         y = gguf.quants.dequantize(b.data, b.tensor_type)
         assert np.abs(x - y).max() <= 1e-3 * np.abs(y).max() + 1e-6, a.name
+
+
+def test_a_sharded_hf_directory_exports_as_one_file(tiny, tmp_path):
+    """Weights split over several safetensors files (as `lmforge merge` and large models write them) give the same
+    GGUF tensors as one file."""
+    gguf = require("gguf")
+    from transformers import AutoModelForCausalLM
+
+    split = tmp_path / "split"
+    shutil.copytree(tiny, split)
+    (split / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(tiny).save_pretrained(split, max_shard_size="40KB")
+    assert len(list(split.glob("*.safetensors"))) > 2
+    export_model(tiny, tmp_path / "one.gguf", format="gguf", dtype="f32")
+    export_model(split, tmp_path / "split.gguf", format="gguf", dtype="f32")
+    one, many = gguf.GGUFReader(tmp_path / "one.gguf"), gguf.GGUFReader(tmp_path / "split.gguf")
+    assert sorted(t.name for t in one.tensors) == sorted(t.name for t in many.tensors)
+    by_name = {t.name: t.data for t in many.tensors}
+    assert all((t.data == by_name[t.name]).all() for t in one.tensors)
