@@ -165,3 +165,20 @@ def test_cli_linear_merge_of_two_finetunes_generates(tmp_path):
     assert gen.stdout.strip()
     bad = run_cli("merge", str(config), "--out", str(tmp_path / "x"), "merge_method=nope", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "unknown merge method" in bad.stderr
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "merge").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    from lmforge.model.merge import METHODS, _check_parameters
+
+    cfg = validate(MergeConfig, {**read_yaml(path), "out": "unused"})
+    _check_parameters(cfg, METHODS[cfg.merge_method])
+
+
+def test_ties_magnitude_keeps_exactly_the_largest_k_even_with_ties_at_the_threshold():
+    from lmforge.model.merge_methods import magnitude
+
+    x = torch.tensor([1.0, -1.0, 1.0, 0.5, 2.0])
+    assert magnitude(x, 0.6, rescale=False).tolist() == [1.0, -1.0, 0.0, 0.0, 2.0]
+    assert magnitude(x, 0.6, rescale=True).abs().sum().item() == pytest.approx(x.abs().sum().item())

@@ -54,9 +54,10 @@ def run_merge(cfg) -> int:
 
     info = merge_models(cfg)
     base = f" onto {info['base']}" if info["base"] else ""
+    files = f"{len(info['files'])} file{'s' if len(info['files']) > 1 else ''}"
     print(f"merged {len(info['models'])} models with {info['method']}{base}: {info['tensors']} tensors, "
           f"{info['params'] / 1e6:.1f} M params, {info['dtype']}, tokenizer of {info['tokenizer']} -> "
-          f"{info['out_dir']} ({len(info['files'])} file{'s' if len(info['files']) > 1 else ''}, {info['seconds']:.1f} s)")
+          f"{info['out_dir']} ({files}, {info['seconds']:.1f} s)")
     return 0
 
 

