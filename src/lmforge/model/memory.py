@@ -175,8 +175,11 @@ def layer_activations(shape: ModelShape, s: TrainSetup, first: bool = False) -> 
     x = 4 * t * d  # the residual stream is fp32: the embedding's output plus fp32 and autocast outputs
     if s.impl == "lean":
         total = x + _norm(t, d, p, 1)
-        if s.attention == "eager":  # q, k, v made contiguous (k, v repeated to all heads); (s x s) probs fp32 + cast
-            total += 3 * p * t * h * hd + (4 + p) * b * h * n * n + p * t * h * hd
+        if s.attention == "eager":  # q, k, v made contiguous (k, v repeated to all heads), the (s x s) probs
+            # fp32 + their cast when the fp32 mask promotes the scores; under FSDP's bf16 parameters the embedding,
+            # and so the residual stream and the scores, are bf16 already (the norms still keep fp32 copies)
+            scores = p if s.parallel == "fsdp" and s.world_size > 1 else 4 + p
+            total += 3 * p * t * h * hd + scores * b * h * n * n + p * t * h * hd
         else:  # qkv output (v is a view of it), rotated q and k, SDPA's output and log-sum-exp
             total += p * t * (h + 2 * kv) * hd + p * t * (h + kv) * hd + p * t * h * hd + 4 * b * h * n
         return total + x + _norm(t, d, p, 1) + p * t * 2 * f + 2 * p * t * f  # gate_up output, silu, product

@@ -167,9 +167,12 @@ def job_from(cfg) -> Job:
     if stage == "pretrain":
         from lmforge.model.config import ModelConfig
         mc = _section(model_cls, "model", extra.get("model"))
+        name = f"preset {mc.preset}" if mc.preset else "model"
         if mc.vocab_size is None:
-            mc = ModelConfig(**{**mc.model_dump(), "vocab_size": _shard_vocab(data.get("dir"))})
-        shape, name, impl = ModelShape.from_config(mc), f"preset {mc.preset}" if mc.preset else "model", mc.impl
+            vocab, source = _shard_vocab(data.get("dir"))
+            mc = ModelConfig(**{**mc.model_dump(), "vocab_size": vocab})
+            name += f" (vocab {vocab} {source})"
+        shape, impl = ModelShape.from_config(mc), mc.impl
         seq_len = data.get("seq_len") or mc.max_seq_len
         method, lora, double_quant, rows = cfg.method or "full", None, True, 1
     else:
@@ -201,12 +204,12 @@ def _default_lora():
     return LoraConfigSection()
 
 
-def _shard_vocab(data_dir) -> int:
-    """The vocabulary of the token shards (their meta.json) when they are there; Llama-2's otherwise."""
+def _shard_vocab(data_dir) -> tuple[int, str]:
+    """The vocabulary of the token shards (their meta.json) when they are there, Llama-2's otherwise; and which."""
     meta = Path(str(data_dir or ""), "meta.json")
     if data_dir and meta.is_file():
-        return int(json.loads(meta.read_text())["vocab_size"])
-    return DEFAULT_VOCAB
+        return int(json.loads(meta.read_text())["vocab_size"]), f"from {meta}"
+    return DEFAULT_VOCAB, "assumed: no token shards at data.dir"
 
 
 # ---- per device ------------------------------------------------------------------------------------------------
