@@ -2,9 +2,10 @@
 random order (the default sampler), easy_to_hard, and competence (sqrt, c0 0.1, T = half the steps); difficulty
 is each fixed window's perplexity under a reference model (the same tiny model pretrained briefly on the same data).
 
-    python bench/curriculum.py [--work /tmp/curriculum_bench] [--steps 300] [--ref-steps 100]
-Prints one row per order: final val loss (the same 20 fixed val batches), train seconds, and the scoring time.
-Runs already finished in --work are reused (delete it to start over).
+    python bench/curriculum.py [--work /tmp/curriculum_bench] [--steps 120] [--ref-steps 100] [--orders ...]
+Prints one row per order: final val loss (the same 20 fixed val batches) and run seconds (scoring included).
+Runs already finished in --work are reused (delete it to start over); --orders runs only those (e.g. one per
+process on a busy machine), and the table shows the finished ones.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def pretrain_run(out: Path, shards: Path, steps: int, *extra: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/curriculum_bench"))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--ref-steps", type=int, default=100)
+    ap.add_argument("--orders", nargs="+", default=["random", "easy_to_hard", "competence"])
     args = ap.parse_args()
     from lmforge.tokens.shards import write_shards
 
@@ -53,12 +55,15 @@ def main() -> None:
         write_shards(SHARED / "tinyshakespeare.txt", "char", shards)
     ref = pretrain_run(w / "reference", shards, args.ref_steps)
     ref_spec = f"curriculum.reference_model={w / 'reference'}"
-    rows = [("random (no curriculum)", pretrain_run(w / "random", shards, args.steps)),
-            ("easy_to_hard", pretrain_run(w / "easy_to_hard", shards, args.steps, "curriculum.order=easy_to_hard",
-                                          ref_spec)),
-            ("competence (sqrt, c0 0.1, T steps/2)",
-             pretrain_run(w / "competence", shards, args.steps, "curriculum.order=competence", "curriculum.c0=0.1",
-                          f"curriculum.competence_steps={args.steps // 2}", ref_spec))]
+    runs = {"random": ("random (no curriculum)", ()),
+            "easy_to_hard": ("easy_to_hard", ("curriculum.order=easy_to_hard", ref_spec)),
+            "competence": (f"competence (sqrt, c0 0.1, T {args.steps // 2})",
+                           ("curriculum.order=competence", "curriculum.c0=0.1",
+                            f"curriculum.competence_steps={args.steps // 2}", ref_spec))}
+    for order in args.orders:
+        pretrain_run(w / order, shards, args.steps, *runs[order][1])
+    rows = [(name, pretrain_run(w / order, shards, args.steps, *extra)) for order, (name, extra) in runs.items()
+            if (w / order / "summary.json").is_file()]
     print(f"reference: tiny Llama, {args.ref_steps} steps, val loss {ref['val_loss']:.4f}, {ref['seconds']:.0f} s")
     print(f"| order ({args.steps} steps, 12 x 64 chars per step) | final val loss | run s (incl. scoring) |")
     print("| --- | --- | --- |")

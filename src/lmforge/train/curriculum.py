@@ -200,7 +200,7 @@ def cached_scores(out_dir: Path, key: str, what: str, compute, rt) -> np.ndarray
     if rt.is_main and not path.is_file():
         t0 = time.perf_counter()
         scores = np.asarray(compute(), dtype=np.float64)
-        tmp = path.with_name(path.name + ".tmp.npy")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # writers in other runs never share it
         np.save(tmp, scores)
         os.replace(tmp, path)
         print(f"curriculum: scored {len(scores)} {what} in {time.perf_counter() - t0:.1f} s -> {path}", flush=True)

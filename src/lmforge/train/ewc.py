@@ -133,7 +133,7 @@ def save_fisher(path: Path, fisher: dict, theta_star: dict, meta: dict) -> None:
 
     tensors = {f"fisher/{n}": f.detach().cpu().contiguous() for n, f in fisher.items()}
     tensors.update({f"theta/{n}": t.detach().float().cpu().contiguous() for n, t in theta_star.items()})
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # writers in other runs never share it
     save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     os.replace(tmp, path)
 
