@@ -7,19 +7,21 @@ Fisher comes from the train split of the same Alpaca spec, so A's held-out examp
 the token-weighted mean SFT loss (response tokens + EOS) in fp32.
 
     python bench/continual_ewc.py [--work /tmp/continual_ewc] [--lam 1e6 ...] [--steps-a 10] [--steps-b 15]
-Runs already finished in --work are reused (delete it to start over).
+        [--only a|plain|ewc|eval]
+--steps-a 0 takes SmolLM2-135M-Instruct itself as the task-A model (it was instruction-tuned already), for a
+machine too busy to fine-tune it first. Runs and held-out losses already in --work are reused (delete it to
+start over); --only does one part (run the parts in parallel processes on a busy machine, then once without it).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMMON = ["method=full", "train.device=cpu", "train.micro_batch_size=2", "train.grad_accum=1", "train.warmup_steps=2",
           "train.schedule=constant", "train.eval_every=0", "train.ckpt_every=0", "train.log_every=5",
-          "log.progress=false", "log.tensorboard=false", "data.max_length=192", "data.val_size=16"]
+          "log.progress=false", "log.tensorboard=false", "data.max_length=160", "data.val_size=12"]
 
 
 def gsm8k_as_alpaca(dst: Path, n: int) -> Path:
@@ -30,41 +32,52 @@ def gsm8k_as_alpaca(dst: Path, n: int) -> Path:
     return dst
 
 
-def run(out: Path, base: str, data: Path, steps: int, lr: float, *extra: str) -> float:
-    """Fine-tune (or reuse a finished run); returns its wall seconds (0 when reused)."""
+def _seconds(out: Path) -> float | None:
+    """A finished run's training seconds (its last train line's elapsed_s)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return max((r["elapsed_s"] for r in lines if "loss" in r), default=None)
+
+
+def run(out: Path, base: str, data: Path, steps: int, lr: float, *extra: str) -> None:
+    """Fine-tune, unless the run has finished already."""
     from lmforge.config import load_config
     from lmforge.train.config import FinetuneConfig
     from lmforge.train.finetune import finetune
 
     if (out / "checkpoints" / "latest").is_file():
-        return 0.0
+        return
     cfg = load_config(FinetuneConfig, None, [f"base_model={base}", f"data.path={data}", f"out_dir={out}",
                                              f"train.max_steps={steps}", f"train.lr={lr}", "data.max_examples=1200",
                                              *COMMON, *extra])
-    t0 = time.perf_counter()
     finetune(cfg)
-    return time.perf_counter() - t0
 
 
-def heldout_losses(model_spec: str, datasets: list[Path]) -> list[float]:
-    """Token-weighted mean SFT loss of the model on the val split of each data set (as the runs split it), fp32."""
+def heldout_losses(model_spec: str, datasets: list[Path], cache: Path) -> list[float]:
+    """Token-weighted mean SFT loss of the model on the val split of each data set (as the runs split it), fp32;
+    read from `cache` when there, else written to it."""
     import torch
 
     from lmforge.model.load import load_model, load_tokenizer
     from lmforge.train.finetune import sft_loss
     from lmforge.train.sft_data import SFTDataConfig, eval_batches, load_sft_data
 
+    if cache.is_file():
+        return json.loads(cache.read_text())
     tok = load_tokenizer(model_spec)
     model = load_model(model_spec, dtype=torch.float32).eval()
     out = []
     for data in datasets:
-        split = load_sft_data(SFTDataConfig(path=str(data), max_length=192, val_size=16, max_examples=1200), tok, 1337)
+        split = load_sft_data(SFTDataConfig(path=str(data), max_length=160, val_size=12, max_examples=1200), tok, 1337)
         total = count = 0
         with torch.no_grad():
             for batch in eval_batches(split, 4, 0, 1):
                 loss, n = sft_loss(model, batch)
                 total, count = total + float(loss) * n, count + n
         out.append(total / count)
+    cache.write_text(json.dumps(out) + "\n")
     return out
 
 
@@ -75,28 +88,38 @@ def main() -> None:
     ap.add_argument("--steps-a", type=int, default=10)
     ap.add_argument("--steps-b", type=int, default=15)
     ap.add_argument("--fisher-batches", type=int, default=4)
+    ap.add_argument("--only", choices=["a", "plain", "ewc", "eval"])
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
     alpaca, gsm = SHARED / "alpaca_5000.json", gsm8k_as_alpaca(w / "gsm8k_alpaca.jsonl", 1200)
 
-    secs = {"A": run(w / "A", "smollm2-135m-instruct", alpaca, args.steps_a, 2e-5)}
-    secs["B"] = run(w / "B_plain", str(w / "A"), gsm, args.steps_b, 1e-4)
-    rows = [("after A (before B)", str(w / "A"), "A"), ("after B, plain", str(w / "B_plain"), "B")]
-    for lam in args.lam:
-        secs[f"B+EWC {lam:g}"] = run(w / f"B_ewc_{lam:g}", str(w / "A"), gsm, args.steps_b, 1e-4, f"ewc.lambda={lam}",
-                                     f"ewc.fisher_data.path={alpaca}", "ewc.fisher_data.max_examples=1200",
-                                     "ewc.fisher_data.max_length=192", "ewc.fisher_data.val_size=16",
-                                     f"ewc.fisher_batches={args.fisher_batches}")
-        rows.append((f"after B, EWC lambda={lam:g}", str(w / f"B_ewc_{lam:g}"), f"B+EWC {lam:g}"))
+    base = "smollm2-135m-instruct"
+    a_model = str(w / "A") if args.steps_a else base
+    if args.only in (None, "a") and args.steps_a:
+        run(w / "A", base, alpaca, args.steps_a, 2e-5)
+    if args.only in (None, "plain"):
+        run(w / "B_plain", a_model, gsm, args.steps_b, 1e-4)
+    for lam in args.lam if args.only in (None, "ewc") else []:
+        run(w / f"B_ewc_{lam:g}", a_model, gsm, args.steps_b, 1e-4, f"ewc.lambda={lam}",
+            f"ewc.fisher_data.path={alpaca}", "ewc.fisher_data.max_examples=1200", "ewc.fisher_data.max_length=160",
+            "ewc.fisher_data.val_size=12", f"ewc.fisher_batches={args.fisher_batches}")
+    if args.only == "eval":
+        heldout_losses(a_model, [alpaca, gsm], w / "heldout_A.json")
+    if args.only is not None:
+        return
+    rows = [("after A (before B)" if args.steps_a else "SmolLM2-135M-Instruct (task-A model, before B)", a_model, "A"),
+            ("after B, plain", str(w / "B_plain"), "B_plain")]
+    rows += [(f"after B, EWC lambda={lam:g}", str(w / f"B_ewc_{lam:g}"), f"B_ewc_{lam:g}") for lam in args.lam]
+    secs = {key: _seconds(w / key) for _, _, key in rows}
     result = []
     for name, spec, key in rows:
-        a_loss, b_loss = heldout_losses(spec, [alpaca, gsm])
+        a_loss, b_loss = heldout_losses(spec, [alpaca, gsm], w / f"heldout_{key}.json")
         result.append({"stage": name, "task_a_loss": a_loss, "task_b_loss": b_loss, "train_s": secs.get(key)})
     penalties = {lam: [json.loads(line)["ewc_penalty"] for line in
                        (w / f"B_ewc_{lam:g}" / "metrics.jsonl").read_text().splitlines() if '"ewc_penalty"' in line]
                  for lam in args.lam}
-    print("| stage | task A (Alpaca) held-out loss | task B (GSM8K) held-out loss | train s |")
+    print("| stage | task A (Alpaca) held-out loss | task B (GSM8K) held-out loss | train s (elapsed_s) |")
     print("| --- | --- | --- | --- |")
     for r in result:
         t = "" if r["train_s"] is None else f"{r['train_s']:.0f}"

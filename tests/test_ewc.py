@@ -3,13 +3,16 @@ fine-tuning run that reuses its Fisher instead of recomputing it."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics
+from conftest import ROOT, read_metrics
 
 from lmforge.train.ewc import EWCPenalty, fisher_diagonal, trainable
 
@@ -165,3 +168,31 @@ def test_lora_run_computes_the_fisher_once_and_a_resumed_run_reuses_it(tiny, tmp
     assert penalty[1] == 0.0  # θ = θ* before the first update
     assert penalty[2] > 0 and penalty[4] > 0  # step 4 starts at the resumed weights: θ* is the run's start, not those
     assert any(e.get("event") == "resumed" for e in read_metrics(out))
+
+
+def test_ddp_two_processes_match_one_with_accumulation(tiny, tmp_path):
+    """torchrun with 2 processes (gloo, DDP; rank 0 computes the Fisher, rank 1 reads it) takes the same steps,
+    penalty included, as 1 process with grad_accum=2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1")
+    common = ["finetune", f"base_model={tiny['base']}", f"data.path={tiny['new']}", "method=full", "train.device=cpu",
+              "train.precision=fp32", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_steps=0",
+              "train.max_steps=4", "train.log_every=1", "train.eval_every=0", "data.val_size=4",
+              "data.max_length=256", "log.progress=false", "log.tensorboard=false", "ewc.lambda=1e4",
+              f"ewc.fisher_data.path={tiny['old']}", "ewc.fisher_batches=2"]
+
+    def run(out, *launcher_and_extra, extra=()):
+        cmd = [sys.executable, *launcher_and_extra, "-m", "lmforge", *common, f"out_dir={out}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "one", extra=("train.grad_accum=2",))
+    run(tmp_path / "two", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        extra=("train.parallel=ddp",))
+    one, two = ({r["step"]: r for r in read_metrics(tmp_path / d) if "loss" in r} for d in ("one", "two"))
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for s in one:
+        assert two[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-5), (s, one[s], two[s])
+        assert two[s]["ewc_penalty"] == pytest.approx(one[s]["ewc_penalty"], rel=1e-4, abs=1e-9)
+    assert one[4]["ewc_penalty"] > 0
