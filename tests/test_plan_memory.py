@@ -196,3 +196,10 @@ def test_pretrain_auto_micro_batch_writes_the_sizes_it_chose(char_shards, tmp_pa
                  "train.precision=fp32", "train.micro_batch_size=8", "train.auto_micro_batch=true"]) == 0
     written = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert (written["micro_batch_size"], written["grad_accum"]) == (2, 4)
+
+
+def test_the_example_plan_config(capsys):
+    rep = plan_json(capsys, "configs/plan/70b-qlora-h100.yaml")
+    assert rep["device"] == "h100-80gb" and rep["fits"] is True
+    assert rep["setup"]["seq_len"] == 4096 and rep["setup"]["grad_accum"] == 16
+    assert rep["devices"]["a100-40gb"]["fits"] is False

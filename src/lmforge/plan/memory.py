@@ -295,8 +295,8 @@ GUIDE_70B = {
              "adapters, and the CUDA context; adapters, their gradients and Adam states are indeed small"),
     "qlora": (40, "4-bit base (0.5 B/param = 35 GB) plus ~5 GB",
               "the quantisation constants (~0.13 bit/param with double quantisation, 0.5 bit without), the embedding "
-              "and head kept in fp32 by prepare_model_for_kbit_training, and activations, which at 4k tokens are "
-              "larger than the adapters by far"),
+              "and head kept in fp32 by prepare_model_for_kbit_training, and activations, which grow with micro-batch "
+              "x sequence and soon outweigh the adapters"),
 }
 
 
