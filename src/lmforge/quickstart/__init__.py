@@ -11,7 +11,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.command import Command
 from lmforge.config import Strict, load_config
@@ -108,20 +108,34 @@ def quickstart(out_dir: Path, data: str | None = None, minutes: float = 2.0, see
 
 class QuickstartConfig(Strict):
     data: str | None = Field(None, description="your own .txt/.jsonl file or directory instead of the embedded corpus")
-    out: Path = Field(Path("runs/quickstart"), description="output directory")
-    minutes: float = Field(2.0, gt=0, description="training time budget in minutes")
+    out: Path | None = Field(None, description="output directory (None: runs/quickstart, with --full runs/quickstart-full)")
+    minutes: float | None = Field(None, gt=0, description="time budget in minutes (None: 2 of training; with --full 9 "
+                                                          "for every stage end to end)")
     seed: int = Field(1337, description="seeds the model, the data order and the sample")
+    full: bool = Field(False, description="every stage: crawl, clean, tokenize, pretrain, SFT, DPO, eval, serve, report")
+
+    @model_validator(mode="after")
+    def _full_has_own_corpus(self):
+        if self.full and self.data is not None:
+            raise ValueError("--full builds its own corpus from the installed Python; drop --data")
+        return self
 
 
 def run_quickstart(cfg: QuickstartConfig) -> int:
-    quickstart(out_dir=cfg.out, data=cfg.data, minutes=cfg.minutes, seed=cfg.seed)
+    if cfg.full:
+        from lmforge.quickstart.full import quickstart_full
+        quickstart_full(out=cfg.out or Path("runs/quickstart-full"), minutes=cfg.minutes or 9.0, seed=cfg.seed)
+    else:
+        quickstart(out_dir=cfg.out or Path("runs/quickstart"), data=cfg.data, minutes=cfg.minutes or 2.0, seed=cfg.seed)
     return 0
 
 
 COMMANDS = [
-    Command("quickstart", "tokenizer + tokenize + pretrain + sample on an embedded corpus, in minutes",
+    Command("quickstart", "tokenizer + tokenize + pretrain + sample on an embedded corpus, in minutes; --full: every stage",
             lambda: QuickstartConfig, run_quickstart,
             description="Train a BPE tokenizer, tokenize, pretrain a small model on CPU for a few minutes, print val "
                         "perplexity before and after and a sample. Default corpus: the Python standard library's own "
-                        "source files."),
+                        "source files. --full runs every stage through its own command (crawl of the local pydoc "
+                        "pages, data run, tokenize, pretrain, finetune, align DPO, eval, serve) and writes "
+                        "OUT/report.md and OUT/report.png; a rerun continues from the finished stages."),
 ]
