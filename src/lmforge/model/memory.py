@@ -253,17 +253,17 @@ def training_memory(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     p = s.compute_bytes
     matrices = shape.num_layers * shape.layer_matrix_params + shape.head_params + (
         shape.embedding_params if shape.tie_embeddings else 0)  # what the matmuls use (a tied head: the embedding)
+    fsdp = s.parallel == "fsdp" and world > 1
+    if fsdp:  # gathered in the compute dtype, so autocast casts nothing
+        block = shape.layer_matrix_params + 2 * shape.hidden_size
+        root = shape.embedding_params + shape.head_params + shape.hidden_size
+        e.buffers += p * (block + root)
+        e.notes.append("buffers: FSDP's gathered root (embedding, head) and one gathered block, in the compute dtype")
     if s.method == "full":
         trained = n
         e.weights = 4 * n / shard
         e.notes.append("weights: fp32 parameters (the master weights; no second copy)")
-        if s.parallel == "fsdp" and world > 1:  # gathered in the compute dtype, so autocast casts nothing
-            block = shape.layer_matrix_params + 2 * shape.hidden_size
-            root = shape.embedding_params + shape.head_params + shape.hidden_size
-            e.buffers += p * (block + root)
-            e.notes.append("buffers: FSDP's gathered root (embedding, head) and one gathered block, in the compute "
-                           "dtype")
-        elif p != 4:
+        if p != 4 and not fsdp:
             e.weights += p * matrices
             e.notes.append(f"weights: + autocast's {p}-byte cast of every matrix, alive until its backward")
     else:
@@ -295,13 +295,11 @@ def training_memory(shape: ModelShape, s: TrainSetup) -> MemoryEstimate:
     return e
 
 
-def serving_memory(shape: ModelShape, max_batch: int, max_model_len: int, dtype_bytes: int, quantized: bool = False,
+def serving_memory(shape: ModelShape, max_batch: int, max_model_len: int, dtype_bytes: int,
                    cuda: bool = True) -> MemoryEstimate:
     """Weights plus a full KV cache (K and V, every layer, every slot at max_model_len) plus one step's logits."""
     e = MemoryEstimate()
-    matrices = shape.num_layers * shape.layer_matrix_params
-    e.weights = (quantized_bytes(matrices, True) + dtype_bytes * (shape.n_params - matrices)) if quantized \
-        else dtype_bytes * shape.n_params
+    e.weights = dtype_bytes * shape.n_params
     e.kv_cache = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * max_model_len * max_batch * dtype_bytes
     e.activations = max_batch * shape.vocab_size * 4 + max_batch * max_model_len * shape.hidden_size * dtype_bytes
     e.notes.append("kv_cache: 2 (K, V) x layers x kv_heads x head_dim x max_model_len x max_batch x dtype bytes")

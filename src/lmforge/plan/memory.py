@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError, validate
 from lmforge.errors import UserError
-from lmforge.model.memory import GB, ModelShape, TrainSetup, serving_memory, training_memory
+from lmforge.model.memory import GB, LORA_MODULES, ModelShape, TrainSetup, serving_memory, training_memory
 
 DEFAULT_VOCAB = 32000  # Llama-2's, for a preset whose vocabulary would come from token shards that are not there
 FSDP_DEGREES = (2, 4, 8, 16, 32, 64)
@@ -190,8 +190,7 @@ def job_from(cfg) -> Job:
     if cfg.gpus > 1 and tc.parallel == "none":
         raise PlanError(f"--gpus {cfg.gpus} needs train.parallel=ddp or train.parallel=fsdp")
     lora = lora or _default_lora()
-    targets = tuple(k for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-                    if lora.target_modules == "all-linear" or k in lora.target_modules)
+    targets = tuple(k for k in LORA_MODULES if lora.target_modules == "all-linear" or k in lora.target_modules)
     setup = TrainSetup(method=method, micro_batch=tc.micro_batch_size * rows, seq_len=seq_len,
                        grad_accum=tc.grad_accum, grad_checkpointing=tc.grad_checkpointing, impl=impl,
                        parallel=tc.parallel, world_size=cfg.gpus, cpu_offload=offload, lora_r=lora.r,
