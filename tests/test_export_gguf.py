@@ -86,7 +86,8 @@ def test_f32_and_f16_round_trip_equal_the_source(tiny, tmp_path):
     assert meta["tokenizer.ggml.add_bos_token"] is False and "generation %}" not in meta["tokenizer.chat_template"]
     assert (meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]) == (4, 2)
     assert meta["llama.context_length"] == 256 and meta["llama.rope.freq_base"] == 5000.0
-    assert abs(meta["llama.attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-9 and meta["llama.rope.dimension_count"] == 16
+    assert abs(meta["llama.attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-9
+    assert meta["llama.rope.dimension_count"] == 16
     assert len(meta["tokenizer.ggml.tokens"]) == len(tok) and len(meta["tokenizer.ggml.merges"]) > 0
     tensors = meta["tensors"]
     assert tensors["output.weight"] == ("F16", [64, len(tok)]) and tensors["blk.1.attn_k.weight"] == ("F16", [64, 32])
@@ -158,7 +159,8 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tiny, tmp_path, capsys
     quantized = tmp_path / "quantized"
     shutil.copytree(tiny, quantized)
     config = json.loads((quantized / "config.json").read_text())
-    (quantized / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "bitsandbytes"}}))
+    bnb = {"quantization_config": {"quant_method": "bitsandbytes"}}
+    (quantized / "config.json").write_text(json.dumps(config | bnb))
     errors["quantized"] = pytest.raises(UserError, export_model, quantized, tmp_path / "q.gguf", format="gguf")
     gpt2 = tmp_path / "gpt2"
     shutil.copytree(tiny, gpt2)

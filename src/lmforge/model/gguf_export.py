@@ -11,6 +11,7 @@ written in turn, so memory holds a few tensors, not the model. Sources that are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -31,10 +32,11 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_
 ARCHITECTURES = ("LlamaForCausalLM",)
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the ids its check text encodes to (get_vocab_base_pre).
-PRE_CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
-                  '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
-                  '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
-                  '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+PRE_CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis '
+                  'concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 '
+                  '?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? '
+                  'I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? '
+                  'We\'Ve a\'lL')
 PRE_BY_HASH = {"855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
                "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
                "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2"}
@@ -85,7 +87,7 @@ def export_gguf(spec: str | Path, out: str | Path, *, dtype: str | None = None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     if r is not None and r.kind in ("hf_dir", "gguf"):
         source = hf_dir(spec)
-        info = write_gguf(source, out, dtype, name=Path(str(r.spec)).stem,
+        info = write_gguf(source, out, dtype, name=Path(str(spec).rstrip("/")).name,
                           general_from=Path(r.path) if r.kind == "gguf" else None)
         return info | {"out": str(out), "source": model_source_info(spec), "merged_lora": False}
     staged = out.parent / f".tmp-{out.name}-hf-{os.getpid()}"
@@ -100,9 +102,10 @@ def export_gguf(spec: str | Path, out: str | Path, *, dtype: str | None = None, 
 def write_gguf(model_dir: Path, out: Path, dtype: str | None, *, name: str, general_from: Path | None = None) -> dict:
     """Convert the HF directory `model_dir` into the GGUF file `out` (atomically); returns a summary."""
     import gguf
+    import numpy as np
 
     config = _llama_config(model_dir)
-    tensors = _plan_tensors(model_dir, config, dtype)
+    tensors = _plan_tensors(model_dir, config)
     ggml_type = (DTYPES[dtype][1] if dtype else
                  "BF16" if next(t["source_dtype"] for t in tensors if len(t["shape"]) == 2) == "BF16" else "F16")
     for t in tensors:
@@ -110,16 +113,14 @@ def write_gguf(model_dir: Path, out: Path, dtype: str | None, *, name: str, gene
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        for t in tensors:
-            qtype = gguf.GGMLQuantizationType[t["type"]]
-            shape = t["shape"]
+        for t in tensors:  # the header first, from shapes alone: tensors are converted one at a time below
             if t["type"] in ("F32", "F16"):
-                np_dtype = "float32" if t["type"] == "F32" else "float16"
-                writer.add_tensor_info(t["gguf_name"], shape, _np_dtype(np_dtype),
-                                       _numel(shape) * (4 if t["type"] == "F32" else 2))
+                np_dtype = np.dtype(np.float32 if t["type"] == "F32" else np.float16)
+                writer.add_tensor_info(t["gguf_name"], t["shape"], np_dtype, math.prod(t["shape"]) * np_dtype.itemsize)
             else:
-                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-                writer.add_tensor_info(t["gguf_name"], byte_shape, _np_dtype("uint8"), _numel(byte_shape),
+                qtype = gguf.GGMLQuantizationType[t["type"]]
+                byte_shape = gguf.quant_shape_to_byte_shape(t["shape"], qtype)
+                writer.add_tensor_info(t["gguf_name"], byte_shape, np.dtype(np.uint8), math.prod(byte_shape),
                                        raw_dtype=qtype)
         _add_metadata(writer, model_dir, config, ggml_type, name, general_from)
         writer.write_header_to_file(path=tmp)
@@ -133,21 +134,8 @@ def write_gguf(model_dir: Path, out: Path, dtype: str | None, *, name: str, gene
         writer.close()
         tmp.unlink(missing_ok=True)
     counts = Counter(t["type"].lower() for t in tensors)
-    return {"dtype": ggml_type.lower(), "params": sum(_numel(t["shape"]) for t in tensors),
+    return {"dtype": ggml_type.lower(), "params": sum(math.prod(t["shape"]) for t in tensors),
             "tensors": dict(counts.most_common()), "bytes": out.stat().st_size}
-
-
-def _np_dtype(name: str):
-    import numpy as np
-
-    return np.dtype(name)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _llama_config(model_dir: Path) -> dict:
@@ -176,7 +164,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _plan_tensors(model_dir: Path, config: dict, dtype: str | None) -> list[dict]:
+def _plan_tensors(model_dir: Path, config: dict) -> list[dict]:
     """Each tensor to write, in the source's order: file, HF and GGUF names, shape, source dtype; from headers only."""
     import gguf
     from safetensors import safe_open
