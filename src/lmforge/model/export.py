@@ -8,8 +8,8 @@ from pathlib import Path
 
 from lmforge import runs
 from lmforge.errors import UserError
-from lmforge.model.gguf_export import export_gguf, hf_dtype
-from lmforge.model.load import is_reward_model, load_model, load_tokenizer, model_source_info, resolve
+from lmforge.model.gguf_export import DTYPES, GGUFExportError, hf_dtype, write_gguf
+from lmforge.model.load import hf_dir, is_reward_model, load_model, load_tokenizer, model_source_info, resolve
 from lmforge.model.sharded import (LazyWeights, ShardedCheckpointError, ShardedWeights, is_sharded, tensor_index,
                                    write_model_dir)
 
@@ -26,7 +26,7 @@ def export_model(spec: str | Path, out_dir: str | Path, *, merge_lora: bool = Fa
     import torch
 
     if format == "gguf":
-        return export_gguf(spec, out_dir, dtype=dtype, merge_lora=merge_lora, overwrite=overwrite)
+        return _export_gguf(spec, out_dir, dtype=dtype, merge_lora=merge_lora, overwrite=overwrite)
     if format != "hf":
         raise UserError(f"unknown export format {format!r}: use hf (a model directory) or gguf (one llama.cpp file)")
     if Path(out_dir).suffix == ".gguf":
@@ -125,3 +125,37 @@ def export_sharded(checkpoint: Path, out: Path, dtype=None) -> dict:
     model_tensors = [v for k, v in tensor_index(checkpoint).items() if k.startswith("model.")]
     return {"params": sum(shape.numel() for shape, _ in model_tensors),
             "dtype": str(dtype or model_tensors[0][1]).removeprefix("torch.")}
+
+
+def _export_gguf(spec: str | Path, out: str | Path, *, dtype: str | None = None, merge_lora: bool = False,
+                overwrite: bool = False) -> dict:
+    """Write `spec` (any model source lmforge loads) as the GGUF file `out`; returns a summary.
+
+    `dtype` is f32/f16/bf16/q8_0/q4_0 (or torch's float32/float16/bfloat16); None picks bf16 for a bf16 source,
+    else f16, as llama.cpp's converter does. The file is written to a temp sibling and renamed into place.
+    """
+    out = Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise GGUFExportError(f"unknown GGUF dtype {dtype!r}: use one of f16, bf16, q8_0, q4_0, f32 "
+                              f"(or float16, bfloat16, float32)")
+    if out.is_dir():
+        raise GGUFExportError(f"--out {out} is a directory; a GGUF export is one file, e.g. {out / 'model.gguf'}")
+    if out.exists() and not overwrite:
+        raise GGUFExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    r = None if sharded_checkpoint(spec) is not None else resolve(spec)
+    if r is not None and r.kind == "adapter" and not merge_lora:
+        raise GGUFExportError(f"{spec} is a LoRA adapter: pass --merge-lora (merge_lora=True) to export base + "
+                              f"adapter merged into one GGUF file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if r is not None and r.kind in ("hf_dir", "gguf"):
+        source = hf_dir(spec)
+        info = write_gguf(source, out, dtype, name=Path(str(spec).rstrip("/")).name,
+                          general_from=Path(r.path) if r.kind == "gguf" else None)
+        return info | {"out": str(out), "source": model_source_info(spec), "merged_lora": False}
+    staged = out.parent / f".tmp-{out.name}-hf-{os.getpid()}"
+    try:
+        staged_info = export_model(spec, staged, merge_lora=merge_lora, overwrite=True)
+        info = write_gguf(staged, out, dtype, name=Path(str(spec).rstrip("/")).name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return info | {"out": str(out), "source": staged_info["source"], "merged_lora": staged_info["merged_lora"]}

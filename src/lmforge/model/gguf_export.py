@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections import Counter
 from hashlib import sha256
 from pathlib import Path
@@ -60,43 +59,6 @@ def hf_dtype(dtype: str | None) -> str | None:
         raise GGUFExportError(f"dtype {dtype} is a GGUF block quantization: pass --format gguf, or for an HF "
                               f"directory one of float32, bfloat16, float16")
     return DTYPES[dtype][0]
-
-
-def export_gguf(spec: str | Path, out: str | Path, *, dtype: str | None = None, merge_lora: bool = False,
-                overwrite: bool = False) -> dict:
-    """Write `spec` (any model source lmforge loads) as the GGUF file `out`; returns a summary.
-
-    `dtype` is f32/f16/bf16/q8_0/q4_0 (or torch's float32/float16/bfloat16); None picks bf16 for a bf16 source,
-    else f16, as llama.cpp's converter does. The file is written to a temp sibling and renamed into place.
-    """
-    from lmforge.model.export import export_model, sharded_checkpoint
-    from lmforge.model.load import hf_dir, model_source_info, resolve
-
-    out = Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise GGUFExportError(f"unknown GGUF dtype {dtype!r}: use one of f16, bf16, q8_0, q4_0, f32 "
-                              f"(or float16, bfloat16, float32)")
-    if out.is_dir():
-        raise GGUFExportError(f"--out {out} is a directory; a GGUF export is one file, e.g. {out / 'model.gguf'}")
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    r = None if sharded_checkpoint(spec) is not None else resolve(spec)
-    if r is not None and r.kind == "adapter" and not merge_lora:
-        raise GGUFExportError(f"{spec} is a LoRA adapter: pass --merge-lora (merge_lora=True) to export base + "
-                              f"adapter merged into one GGUF file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if r is not None and r.kind in ("hf_dir", "gguf"):
-        source = hf_dir(spec)
-        info = write_gguf(source, out, dtype, name=Path(str(spec).rstrip("/")).name,
-                          general_from=Path(r.path) if r.kind == "gguf" else None)
-        return info | {"out": str(out), "source": model_source_info(spec), "merged_lora": False}
-    staged = out.parent / f".tmp-{out.name}-hf-{os.getpid()}"
-    try:
-        staged_info = export_model(spec, staged, merge_lora=merge_lora, overwrite=True)
-        info = write_gguf(staged, out, dtype, name=Path(str(spec).rstrip("/")).name)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    return info | {"out": str(out), "source": staged_info["source"], "merged_lora": staged_info["merged_lora"]}
 
 
 def write_gguf(model_dir: Path, out: Path, dtype: str | None, *, name: str, general_from: Path | None = None) -> dict:
