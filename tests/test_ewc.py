@@ -170,6 +170,7 @@ def test_lora_run_computes_the_fisher_once_and_a_resumed_run_reuses_it(tiny, tmp
     assert any(e.get("event") == "resumed" for e in read_metrics(out))
 
 
+@pytest.mark.slow  # three torchrun/CLI processes: ~25 s of CPU, minutes of wall time on a busy machine
 def test_ddp_two_processes_match_one_with_accumulation(tiny, tmp_path):
     """torchrun with 2 processes (gloo, DDP; rank 0 computes the Fisher, rank 1 reads it) takes the same steps,
     penalty included, as 1 process with grad_accum=2."""
