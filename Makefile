@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-full test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/lmforge quickstart
+
+# Every stage (crawl, clean, tokenize, pretrain, SFT, DPO, eval, serve) in about ten minutes; see runs/quickstart-full/report.md.
+demo-full: venv
+	$(BIN)/lmforge quickstart --full
 
 # lint-imports checks the layers contract in pyproject.toml (imports run one way) before the suite runs.
 test: venv
