@@ -3,6 +3,7 @@ random order (the default sampler), easy_to_hard, and competence (sqrt, c0 0.1, 
 is each fixed window's perplexity under a reference model (the same tiny model pretrained briefly on the same data).
 
     python bench/curriculum.py [--work /tmp/curriculum_bench] [--steps 120] [--ref-steps 100] [--orders ...]
+        [--chars N]
 Prints one row per order: final val loss (the same 20 fixed val batches) and run seconds (scoring included).
 Runs already finished in --work are reused (delete it to start over); --orders runs only those (e.g. one per
 process on a busy machine), and the table shows the finished ones.
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--ref-steps", type=int, default=100)
     ap.add_argument("--orders", nargs="+", default=["random", "easy_to_hard", "competence"])
+    ap.add_argument("--chars", type=int, default=None, help="use only the first N characters of tinyshakespeare")
     args = ap.parse_args()
     from lmforge.tokens.shards import write_shards
 
@@ -52,7 +54,11 @@ def main() -> None:
     w.mkdir(parents=True, exist_ok=True)
     shards = w / "shards"
     if not (shards / "meta.json").is_file():
-        write_shards(SHARED / "tinyshakespeare.txt", "char", shards)
+        text = SHARED / "tinyshakespeare.txt"
+        if args.chars:
+            text = w / "input.txt"
+            text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:args.chars])
+        write_shards(text, "char", shards)
     ref = pretrain_run(w / "reference", shards, args.ref_steps)
     ref_spec = f"curriculum.reference_model={w / 'reference'}"
     runs = {"random": ("random (no curriculum)", ()),
