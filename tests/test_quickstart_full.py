@@ -12,8 +12,8 @@ import time
 
 from conftest import ROOT, run_cli
 
-STAGES = ("collect", "clean", "corpus", "tokenizer", "tokenize", "pretrain", "eval-pretrain", "sft", "eval-sft", "dpo", "eval-dpo",
-          "serve")
+STAGES = ("collect", "clean", "corpus", "tokenizer", "tokenize", "pretrain", "eval-pretrain", "sft", "eval-sft", "dpo",
+          "eval-dpo", "serve")
 
 
 def test_full_quickstart_resumes_and_reports(tmp_path):
@@ -52,7 +52,7 @@ def test_full_quickstart_resumes_and_reports(tmp_path):
         assert re.search(rf"^{re.escape(stage)} +\d+s ", table, re.M), (stage, table)
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     for path in ("collect/crawl/crawl.warc.gz", "clean/report.json", "corpus/tasks/docstring_mc.yaml",
-                 "tokenizer/tokenizer.json", "tokenize/meta.json", "pretrain/run/checkpoints/latest", "sft/run/checkpoints/latest",
-                 "dpo/run/checkpoints/latest", "eval-dpo/tasks.json", "serve/response.json"):
+                 "tokenizer/tokenizer.json", "tokenize/meta.json", "pretrain/run/checkpoints/latest",
+                 "sft/run/checkpoints/latest", "dpo/run/checkpoints/latest", "eval-dpo/tasks.json", "serve/response.json"):
         assert (out / path).exists(), path
         assert str(out / path.split("/")[0]) in text, path  # every artefact's place is printed

@@ -34,10 +34,11 @@ PRETRAIN = {"train.micro_batch_size": 16, "train.lr": 2e-3, "train.min_lr": 2e-4
             "train.eval_batches": 10, "train.keep_last": 1, "train.ckpt_every": 0, "log.progress": False,
             "log.tensorboard": False}
 SFT = {"method": "full", "data.max_length": 128, "data.val_size": 0.1, "train.micro_batch_size": 16,
-       "train.lr": 5e-4, "train.min_lr": 5e-5, "train.warmup_steps": 10, "train.eval_batches": 10,
+       "train.lr": 5e-4, "train.min_lr": 5e-5, "train.eval_batches": 10,
        "train.keep_last": 1, "train.ckpt_every": 0, "log.progress": False, "log.tensorboard": False}
 DPO = {"algorithm": "dpo", "method": "full", "data.max_length": 128, "data.max_prompt_length": 48,
-       "data.val_size": 0.1, "train.micro_batch_size": 8, "train.lr": 5e-5, "train.eval_batches": 10,
+       "data.val_size": 0.1, "train.micro_batch_size": 8, "train.lr": 1e-4, "train.eval_batches": 10,
+       "train.precision": "fp32",  # the policy starts equal to the reference: every held-out pair ties, exactly
        "train.keep_last": 1, "train.ckpt_every": 0, "dpo.beta": 0.1, "log.progress": False,
        "log.tensorboard": False}
 
@@ -160,8 +161,9 @@ def collect(run: Run, work: Path) -> dict:
 
 def clean(run: Run, work: Path) -> dict:
     """`data run` over the crawl's WARC: extraction, quality filters, dedup, PII."""
-    steps = [{"extract": {}}, {"gopher_quality": {"min_words": 30, "min_alpha_words_ratio": 0.5, "max_symbol_word_ratio": 0.5}},
-             {"gopher_repetition": {}}, {"dedup": {}}, {"pii": {}}]
+    # API pages hold more symbols and short tokens than prose: Gopher's alpha and symbol ratios are relaxed.
+    quality = {"min_words": 30, "min_alpha_words_ratio": 0.5, "max_symbol_word_ratio": 0.5}
+    steps = [{"extract": {}}, {"gopher_quality": quality}, {"gopher_repetition": {}}, {"dedup": {}}, {"pii": {}}]
     warc = run.out / "collect" / "crawl" / "crawl.warc.gz"
     lmforge(run, "clean", "data", "run", f"inputs={json.dumps([str(warc)])}", f"out_dir={work}",
             f"steps={json.dumps(steps)}", "output_format=jsonl")
@@ -186,9 +188,10 @@ def corpus(run: Run, work: Path) -> dict:
             fh.write(json.dumps({"text": f.read_text(encoding="utf-8", errors="replace")}) + "\n")
     docs = material.docstring_pairs(material.stdlib_files())
     train, held = material.split_docs(docs, n_heldout=min(60, len(docs) // 8))
-    n_sft = material.write_sft(train, work / "sft.jsonl")
-    n_dpo = material.write_dpo(train, work / "dpo.jsonl", run.seed)
-    task = material.write_mc_task(held, held, work / "tasks", run.seed)
+    answers, wrong = train[len(train) // 4:], train[:len(train) // 4]
+    n_sft = material.write_sft(answers, work / "sft.jsonl")
+    n_dpo = material.write_dpo(answers, wrong, work / "dpo.jsonl", run.seed)
+    task = material.write_mc_task(held, work / "tasks", run.seed)
     mb = (work / "pretrain.jsonl").stat().st_size / 1e6
     return {"pretrain_docs": len(pages) + len(train_files), "heldout_files": len(held_files), "sft": n_sft,
             "dpo": n_dpo, "mc": len(held), "task": str(task),
@@ -233,7 +236,8 @@ def pretrain(run: Run, work: Path) -> dict:
                                                "train.eval_every": max(10, steps // 4)}))
     recs = metrics(work / "run")
     evals = [r for r in recs if "val_loss" in r]
-    return {"steps": steps, "step_s": step_s, "val_ppl_before": evals[0]["val_ppl"], "val_ppl_after": evals[-1]["val_ppl"],
+    return {"steps": steps, "step_s": step_s, "val_ppl_before": evals[0]["val_ppl"],
+            "val_ppl_after": evals[-1]["val_ppl"],
             "loss": curve(recs, "loss"), "val_loss": curve(recs, "val_loss"),
             "line": f"{steps} steps of a 4-layer 192-wide Llama; val perplexity {evals[0]['val_ppl']:,.1f} -> "
                     f"{evals[-1]['val_ppl']:,.1f}"}
@@ -250,20 +254,30 @@ def evaluate(model_stage: str) -> Callable[[Run, Path], dict]:
                 "--out", str(work / "tasks.json"))
         ppl = json.loads((work / "perplexity.json").read_text())["token_perplexity"]
         acc = json.loads((work / "tasks.json").read_text())["results"]["docstring_mc"]["acc"]
-        return {"perplexity": ppl, "mc_acc": acc, "chance": 1 / material.CHOICES,
-                "line": f"held-out perplexity {ppl:,.1f}; docstring MC acc {acc:.3f} (chance {1 / material.CHOICES:.2f})"}
+        chance = 1 / material.CHOICES
+        return {"perplexity": ppl, "mc_acc": acc, "chance": chance,
+                "line": f"held-out perplexity {ppl:,.1f}; docstring MC acc {acc:.3f} (chance {chance:.2f})"}
     return stage
+
+
+def fine_tune(run: Run, stage: str, work: Path, command: list[str], items: dict, budget_share: float,
+              step_cost: float) -> tuple[int, list[dict]]:
+    """Run `lmforge COMMAND` on the previous model for its share of the budget; its step count and metrics.
+
+    `step_cost` is a step's time relative to a pretraining step (measured by the pretrain stage's calibration)."""
+    step_s = json.loads((run.out / "pretrain" / "stage.json").read_text())["step_s"]
+    steps = max(20, int(budget_share * run.budget_s / (step_s * step_cost)))
+    lmforge(run, stage, *command, *keys({**items, "out_dir": str(work / "run"), "seed": run.seed,
+                                         "train.max_steps": steps, "train.warmup_steps": min(10, steps // 5),
+                                         "train.log_every": 5, "train.eval_every": max(5, steps // 4)}))
+    return steps, metrics(work / "run")
 
 
 def sft(run: Run, work: Path) -> dict:
     """`finetune` (full) on the docstring Q/A pairs; held-out loss before and after."""
-    step_s = json.loads((run.out / "pretrain" / "stage.json").read_text())["step_s"]
-    steps = max(20, int(0.12 * run.budget_s / (step_s * 0.8)))
-    lmforge(run, "sft", "finetune", *keys({**SFT, "base_model": str(run.out / "pretrain" / "run"),
-                                           "data.path": str(run.out / "corpus" / "sft.jsonl"), "out_dir": str(work / "run"),
-                                           "seed": run.seed, "train.max_steps": steps, "train.log_every": 5,
-                                           "train.eval_every": max(5, steps // 4)}))
-    recs = metrics(work / "run")
+    steps, recs = fine_tune(run, "sft", work, ["finetune"], {**SFT, "base_model": str(run.out / "pretrain" / "run"),
+                                                             "data.path": str(run.out / "corpus" / "sft.jsonl")},
+                            budget_share=0.12, step_cost=0.8)
     evals = [r for r in recs if "val_loss" in r]
     return {"steps": steps, "val_loss_before": evals[0]["val_loss"], "val_loss_after": evals[-1]["val_loss"],
             "loss": curve(recs, "loss"), "val_loss": curve(recs, "val_loss"),
@@ -273,13 +287,9 @@ def sft(run: Run, work: Path) -> dict:
 
 def dpo(run: Run, work: Path) -> dict:
     """`align algorithm=dpo` (full) on the docstring preference pairs; held-out implicit-reward accuracy."""
-    step_s = json.loads((run.out / "pretrain" / "stage.json").read_text())["step_s"]
-    steps = max(15, int(0.10 * run.budget_s / (step_s * 1.2)))
-    lmforge(run, "dpo", "align", *keys({**DPO, "base_model": str(run.out / "sft" / "run"),
-                                        "data.path": str(run.out / "corpus" / "dpo.jsonl"), "out_dir": str(work / "run"),
-                                        "seed": run.seed, "train.max_steps": steps, "train.log_every": 5,
-                                        "train.eval_every": max(5, steps // 4)}))
-    recs = metrics(work / "run")
+    steps, recs = fine_tune(run, "dpo", work, ["align"], {**DPO, "base_model": str(run.out / "sft" / "run"),
+                                                          "data.path": str(run.out / "corpus" / "dpo.jsonl")},
+                            budget_share=0.10, step_cost=1.2)
     evals = [r for r in recs if "val_rewards/accuracies" in r]
     acc0, acc1 = evals[0]["val_rewards/accuracies"], evals[-1]["val_rewards/accuracies"]
     return {"steps": steps, "acc_before": acc0, "acc_after": acc1, "loss": curve(recs, "loss"),
@@ -291,9 +301,9 @@ def serve(run: Run, work: Path) -> dict:
     """`lmforge serve` the aligned model, one chat request in the OpenAI wire format over plain HTTP, stop."""
     port = free_port()
     log = run.log("serve").open("a")
-    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run.out / "dpo" / "run"), "--port", str(port),
-                               "--served-model-name", "quickstart"], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **OFFLINE_ENV})
+    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run.out / "dpo" / "run"),
+                               "--port", str(port), "--served-model-name", "quickstart"],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
     question = material.QUESTION.format(name="json.dumps")
     request = {"model": "quickstart", "messages": [{"role": "user", "content": question}], "max_tokens": 40,
                "temperature": 0}
@@ -313,7 +323,8 @@ def serve(run: Run, work: Path) -> dict:
 
 
 STAGES: list[tuple[str, Callable[[Run, Path], dict]]] = [
-    ("collect", collect), ("clean", clean), ("corpus", corpus), ("tokenizer", tokenizer), ("tokenize", tokenize), ("pretrain", pretrain),
+    ("collect", collect), ("clean", clean), ("corpus", corpus), ("tokenizer", tokenizer), ("tokenize", tokenize),
+    ("pretrain", pretrain),
     ("eval-pretrain", evaluate("pretrain")), ("sft", sft), ("eval-sft", evaluate("sft")), ("dpo", dpo),
     ("eval-dpo", evaluate("dpo")), ("serve", serve),
 ]

@@ -38,12 +38,15 @@ def chatml_prompt(question: str) -> str:
 
 
 def write_site(out: Path, n_pages: int) -> list[str]:
-    """pydoc HTML pages of the first `n_pages` SITE_MODULES, an index linking them, robots.txt; the modules."""
+    """pydoc HTML pages of the first `n_pages` SITE_MODULES (held-out ones left out), an index linking them,
+    robots.txt; the modules."""
     out.mkdir(parents=True, exist_ok=True)
-    names = []
+    names, held = [], {f.stem for f in heldout_sources()}
     for name in SITE_MODULES:
         if len(names) == n_pages:
             break
+        if name in held:
+            continue
         try:
             module = importlib.import_module(name)
         except ImportError:  # removed in this Python (uu, for one, left in 3.13)
@@ -65,20 +68,19 @@ def stdlib_files() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
+def heldout_sources() -> list[Path]:
+    """Every 25th top-level module under 60 kB: held out of pretraining (and of the site) for perplexity."""
+    return [f for i, f in enumerate(stdlib_files()) if i % 25 == 12 and f.stat().st_size <= 60_000]
+
+
 def stdlib_sources(max_bytes: int) -> tuple[list[Path], list[Path]]:
-    """Top-level standard-library modules, sorted: those within `max_bytes` (training), then small ones after
-    them, about 3 % as much, held out."""
-    train, held, total, held_bytes = [], [], 0, 0
-    for f in stdlib_files():
-        size = f.stat().st_size
-        if total + size <= max_bytes and not held:
+    """Top-level standard-library modules: those to train on (up to `max_bytes`), and the held-out ones."""
+    files, held = stdlib_files(), heldout_sources()
+    train, total = [], 0
+    for f in files:
+        if f not in held and total + f.stat().st_size <= max_bytes:
             train.append(f)
-            total += size
-        elif size <= 60_000:
-            held.append(f)
-            held_bytes += size
-            if held_bytes >= max(30_000, 0.03 * max_bytes):
-                break
+            total += f.stat().st_size
     if not train or not held:
         raise FileNotFoundError(f"too few Python sources under {sysconfig.get_paths()['stdlib']} for a held-out split")
     return train, held
@@ -143,24 +145,27 @@ def write_sft(docs: list[Doc], path: Path) -> int:
     return len(docs)
 
 
-def write_dpo(docs: list[Doc], path: Path, seed: int) -> int:
-    """Preference records: chosen the function's own sentence, rejected another module's function's."""
+def write_dpo(docs: list[Doc], wrong: list[Doc], path: Path, seed: int) -> int:
+    """Preference records: chosen the function's own sentence, rejected that of a function from `wrong` (another
+    module's, from a set never used as a right answer, so training never pushes an answer both up and down)."""
     rng = random.Random(seed)
     with path.open("w") as fh:
         for d in docs:
+            rejected = others(wrong, d, 1, rng)[0].answer
             fh.write(json.dumps({"prompt": [{"role": "user", "content": QUESTION.format(name=d.name)}],
                                  "chosen": [{"role": "assistant", "content": d.answer}],
-                                 "rejected": [{"role": "assistant", "content": others(docs, d, 1, rng)[0].answer}]}) + "\n")
+                                 "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
     return len(docs)
 
 
-def write_mc_task(heldout: list[Doc], pool: list[Doc], out: Path, seed: int) -> Path:
-    """A four-choice task in lm-eval's YAML form over the held-out functions; the wrong choices are other modules'."""
+def write_mc_task(heldout: list[Doc], out: Path, seed: int) -> Path:
+    """A four-choice task in lm-eval's YAML form over the held-out functions; the wrong choices are other held-out
+    functions' (of other modules), so no choice was ever a training answer."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "docstring_mc.jsonl").open("w") as fh:
         for d in heldout:
-            choices = [d.answer, *(o.answer for o in others(pool, d, CHOICES - 1, rng))]
+            choices = [d.answer, *(o.answer for o in others(heldout, d, CHOICES - 1, rng))]
             rng.shuffle(choices)
             fh.write(json.dumps({"prompt": chatml_prompt(QUESTION.format(name=d.name)), "choices": choices,
                                  "answer": choices.index(d.answer)}) + "\n")

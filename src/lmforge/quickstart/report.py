@@ -11,7 +11,8 @@ def table_rows(r: dict) -> list[tuple[str, float, str]]:
     ev = {s: r[f"eval-{s}"] for s in ("pretrain", "sft", "dpo")}
     chance = ev["pretrain"]["chance"]
     return [
-        ("collect", r["collect"]["seconds"], f"{r['collect']['pages']} pages crawled -> {r['collect']['docs']} documents"),
+        ("collect", r["collect"]["seconds"], f"{r['collect']['pages']} pages crawled -> {r['collect']['docs']} "
+                                             "documents"),
         ("clean", r["clean"]["seconds"], f"documents {r['clean']['docs_in']} -> {r['clean']['docs_out']}"),
         ("corpus", r["corpus"]["seconds"], f"{r['corpus']['sft']} SFT / {r['corpus']['dpo']} DPO pairs, "
                                            f"{r['corpus']['mc']} MC questions"),
@@ -26,7 +27,8 @@ def table_rows(r: dict) -> list[tuple[str, float, str]]:
         ("eval-sft", ev["sft"]["seconds"], f"held-out perplexity {ev['pretrain']['perplexity']:,.1f} -> "
                                            f"{ev['sft']['perplexity']:,.1f}; MC acc {ev['pretrain']['mc_acc']:.3f} -> "
                                            f"{ev['sft']['mc_acc']:.3f} (chance {chance:.2f})"),
-        ("dpo", r["dpo"]["seconds"], f"held-out reward accuracy {r['dpo']['acc_before']:.2f} -> "
+        ("dpo", r["dpo"]["seconds"], f"held-out reward accuracy {r['dpo']['acc_before']:.2f}"
+                                     f"{' (policy = reference: all tie)' if r['dpo']['acc_before'] == 0 else ''} -> "
                                      f"{r['dpo']['acc_after']:.2f}"),
         ("eval-dpo", ev["dpo"]["seconds"], f"held-out perplexity {ev['sft']['perplexity']:,.1f} -> "
                                            f"{ev['dpo']['perplexity']:,.1f}; MC acc {ev['sft']['mc_acc']:.3f} -> "
