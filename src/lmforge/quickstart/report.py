@@ -53,13 +53,14 @@ def plot(r: dict, path: Path) -> None:
         ax.legend()
     names = ["pretrain", "sft", "dpo"]
     evals = [r[f"eval-{s}"] for s in names]
-    axes[1][0].bar(names, [e["perplexity"] for e in evals], color="tab:blue")
-    axes[1][0].set(title="held-out perplexity after each stage", yscale="log")
-    axes[1][1].bar(names, [e["mc_acc"] for e in evals], color="tab:green")
+    axes[1][0].bar_label(axes[1][0].bar(names, [e["perplexity"] for e in evals], color="tab:blue"), fmt="%.1f")
+    axes[1][0].set(title="held-out perplexity after each stage")
+    axes[1][1].bar_label(axes[1][1].bar(names, [e["mc_acc"] for e in evals], color="tab:green"), fmt="%.3f")
     axes[1][1].axhline(evals[0]["chance"], color="grey", linestyle="--", label="chance")
     axes[1][1].set(title="docstring MC accuracy after each stage", ylim=(0, 1))
     axes[1][1].legend()
-    axes[1][2].bar(["before", "after"], [r["dpo"]["acc_before"], r["dpo"]["acc_after"]], color="tab:orange")
+    axes[1][2].bar_label(axes[1][2].bar(["before", "after"], [r["dpo"]["acc_before"], r["dpo"]["acc_after"]],
+                                        color="tab:orange"), fmt="%.2f")
     axes[1][2].axhline(0.5, color="grey", linestyle="--", label="0.5")
     axes[1][2].set(title="DPO held-out reward accuracy", ylim=(0, 1))
     axes[1][2].legend()
