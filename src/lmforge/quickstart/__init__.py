@@ -1,7 +1,7 @@
 """`lmforge quickstart`: the whole pretraining path in a few minutes on a laptop CPU.
 
 The default corpus is the Python standard library's own source, which exists wherever Python
-does, so the demo needs no download.
+does, so the demo needs no download. `quickstart --full` (full.py) runs every stage of the guide the same way.
 """
 from __future__ import annotations
 
