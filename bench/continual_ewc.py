@@ -1,7 +1,7 @@
 """Continual learning with EWC on SmolLM2-135M-Instruct: task A (Alpaca), then task B (GSM8K solutions) with and
 without EWC; prints task-A and task-B held-out loss after each stage.
 
-Full fine-tuning through `lmforge.train.finetune.finetune` (the CLI's code path). Task A's held-out set is the
+Full fine-tuning (or LoRA, --method lora) through `lmforge.train.finetune.finetune` (the CLI's code path). Task A's held-out set is the
 val split of the Alpaca data (data.val_size, keyed by the seed), task B's that of the GSM8K data; the EWC run's
 Fisher comes from the train split of the same Alpaca spec, so A's held-out examples stay unseen. Held-out loss is
 the token-weighted mean SFT loss (response tokens + EOS) in fp32.
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-COMMON = ["method=full", "train.device=cpu", "train.micro_batch_size=2", "train.grad_accum=1", "train.warmup_steps=2",
+COMMON = ["train.device=cpu", "train.micro_batch_size=2", "train.grad_accum=1", "train.warmup_steps=2",
           "train.schedule=constant", "train.eval_every=0", "train.ckpt_every=0", "train.log_every=5",
           "log.progress=false", "log.tensorboard=false", "data.max_length=160", "data.val_size=12"]
 
@@ -89,19 +89,22 @@ def main() -> None:
     ap.add_argument("--steps-b", type=int, default=15)
     ap.add_argument("--fisher-batches", type=int, default=4)
     ap.add_argument("--only", choices=["a", "plain", "ewc", "eval"])
+    ap.add_argument("--method", choices=["full", "lora"], default="full", help="lora: all-linear r 8 adapters")
+    ap.add_argument("--lr-b", type=float, default=1e-4, help="task B's learning rate")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
     alpaca, gsm = SHARED / "alpaca_5000.json", gsm8k_as_alpaca(w / "gsm8k_alpaca.jsonl", 1200)
 
     base = "smollm2-135m-instruct"
+    method = [f"method={args.method}"] + (["lora.target_modules=all-linear"] if args.method == "lora" else [])
     a_model = str(w / "A") if args.steps_a else base
     if args.only in (None, "a") and args.steps_a:
-        run(w / "A", base, alpaca, args.steps_a, 2e-5)
+        run(w / "A", base, alpaca, args.steps_a, 2e-5, *method)
     if args.only in (None, "plain"):
-        run(w / "B_plain", a_model, gsm, args.steps_b, 1e-4)
+        run(w / "B_plain", a_model, gsm, args.steps_b, args.lr_b, *method)
     for lam in args.lam if args.only in (None, "ewc") else []:
-        run(w / f"B_ewc_{lam:g}", a_model, gsm, args.steps_b, 1e-4, f"ewc.lambda={lam}",
+        run(w / f"B_ewc_{lam:g}", a_model, gsm, args.steps_b, args.lr_b, *method, f"ewc.lambda={lam}",
             f"ewc.fisher_data.path={alpaca}", "ewc.fisher_data.max_examples=1200", "ewc.fisher_data.max_length=160",
             "ewc.fisher_data.val_size=12", f"ewc.fisher_batches={args.fisher_batches}")
     if args.only == "eval":
