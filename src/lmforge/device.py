@@ -6,6 +6,7 @@ elsewhere unless a dtype is asked for (`--dtype`). Training precision (autocast)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -68,3 +69,11 @@ def device_info() -> dict:
     return {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_has_bf16()}
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context for a resolved precision; fp32 runs without one."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

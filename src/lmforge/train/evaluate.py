@@ -8,7 +8,7 @@ import torch
 from lmforge.train.distributed import Runtime, all_reduce_sum, eval_shard
 from lmforge.train.job import Job
 from lmforge.train.state import Engine
-from lmforge.train.step import autocast_for
+from lmforge.device import autocast_for
 
 
 @torch.no_grad()

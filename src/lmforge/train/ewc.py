@@ -106,7 +106,7 @@ def fisher_diagonal(model: nn.Module, objective, batches, precision: str) -> dic
     """Mean over `batches` of the squared gradient of the objective's loss, per trainable parameter (dropout off)."""
     import torch
 
-    from lmforge.train.step import autocast_for
+    from lmforge.device import autocast_for
 
     params = trainable(model)
     device = next(iter(params.values())).device

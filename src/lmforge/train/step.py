@@ -2,26 +2,18 @@
 then the guarded update; the loss stays on the device until the step's one read."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
 
+from lmforge.device import autocast_for
 from lmforge.train.config import GuardConfig
 from lmforge.train.distributed import Runtime, any_rank, first_collective_micro, no_grad_sync, step_totals
 from lmforge.train.guards import TrainingStopped
 from lmforge.train.job import Job
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.state import Engine, TrainState
-
-
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context for a resolved precision; fp32 runs without one."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # Test hook: when set, guards.debug_oom_steps and guards.debug_nan_steps fire on this rank only (default: every
