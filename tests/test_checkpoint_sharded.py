@@ -64,7 +64,8 @@ PROBE = textwrap.dedent('''
     job = Job(model=built.module, objective=None, train_batches=None, eval_batches=None, save_model=None,
               load_model=None)
     Checkpointer(Path(sys.argv[1]), job, engine, rt, Log(), 2, {}).save(TrainState(1, 1, step=1))
-    print(json.dumps({"rank": rt.rank, "full": full, "full_sd": full_sd, **seen}), flush=True)
+    report = {"rank": rt.rank, "full": full, "full_sd": full_sd, **seen}
+    (Path(sys.argv[1]).parent / f"rank{rt.rank}.json").write_text(json.dumps(report))  # not stdout: ranks interleave
     dist.destroy_process_group()
 ''')
 
@@ -78,7 +79,7 @@ def test_no_rank_gathers_the_state_to_save_it(tmp_path):
                            str(script), str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=180,
                           env=_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     full, full_sd = ranks[0]["full"], ranks[0]["full_sd"]
     for r in ranks:

@@ -125,7 +125,8 @@ def test_top_level_and_group_help(capsys):
     ("generate", "lmforge.infer.generation:generate_samples", {"model": "model_path", "input": "inp"}),
     ("chat", "lmforge.infer.generation:chat", {"model": "spec"}),
     ("export", "lmforge.model.export:export_model", {"model": "spec"}),
-    ("quickstart", "lmforge.quickstart:quickstart", {"out": "out_dir"}),
+    # minutes: None on the command means 2 for quickstart and 9 with --full (the function is the first)
+    ("quickstart", "lmforge.quickstart:quickstart", {"out": "out_dir", "minutes": None}),
 ])
 def test_command_defaults_equal_the_python_functions(name, function, renamed):
     """A command's model and the function it calls state the same defaults (the model is what --help shows)."""

@@ -44,7 +44,7 @@ def run_export(cfg: ExportConfig) -> int:
 
 
 def _merge_config():
-    from lmforge.model.merge import MergeConfig
+    from lmforge.model.merge_config import MergeConfig
 
     return MergeConfig
 

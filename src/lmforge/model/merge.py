@@ -20,16 +20,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import TypeAdapter, ValidationError
 
-from lmforge.config import Strict
 from lmforge.errors import UserError
+from lmforge.model.merge_config import METHOD_NAMES, MergeConfig
 from lmforge.model.merge_methods import METHODS, REQUIRED, MethodSpec
-from lmforge.model.sharded import MAX_SHARD_BYTES, SAFE_INDEX
+from lmforge.model.sharded import SAFE_INDEX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -40,44 +40,12 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MERGEKIT_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
 
 
+if tuple(METHODS) != METHOD_NAMES:  # the config validates names without importing torch; the two lists are one
+    raise RuntimeError(f"merge_config.METHOD_NAMES {METHOD_NAMES} != merge_methods.METHODS {tuple(METHODS)}")
+
+
 class MergeError(UserError):
     """A merge that cannot be done as configured; one line naming the key, model or tensor."""
-
-
-class InputModel(Strict):
-    model: str = Field(description="a model the loader accepts: HF dir, run, .gguf, alias, LoRA adapter")
-    parameters: dict[str, Any] | None = Field(None, description="per-model parameters (weight, density, ...)")
-
-
-class MergeConfig(Strict):
-    models: list[InputModel] = Field(description="the models to merge (mergekit's `models:` list)")
-    merge_method: str = Field(description=f"one of {', '.join(METHODS)}")
-    base_model: str | None = Field(None, description="the base model (task arithmetic, TIES, DARE, SLERP, ...)")
-    parameters: dict[str, Any] | None = Field(None, description="global parameters, and defaults of per-model ones")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype the inputs are merged "
-                                                                                      "in (None: promoted)")
-    out_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype written (None: "
-                                                                                          "dtype)")
-    tokenizer_source: str | None = Field(None, description="`base` or a model whose tokenizer the output gets "
-                                                           "(None: the base model's, else the first model's)")
-    out: Path = Field(description="output directory (must be empty or new)")
-    overwrite: bool = Field(False, description="replace a non-empty out directory")
-    random_seed: int | None = Field(None, description="seed of the random methods (dare_*, della*)")
-    max_shard_bytes: int = Field(MAX_SHARD_BYTES, gt=0, description="largest output safetensors file")
-
-    @field_validator("merge_method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown merge method {v!r}; lmforge merges with {', '.join(METHODS)}")
-        return v
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _not_union(cls, v: str | None) -> str | None:
-        if v == "union":
-            raise ValueError("`union` (a merged vocabulary) is not supported; use `base` or a model's name")
-        return v
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------------
