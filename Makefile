@@ -27,9 +27,11 @@ demo-full: venv
 	$(BIN)/lmforge quickstart --full
 
 # lint-imports checks the layers contract in pyproject.toml (imports run one way) before the suite runs.
+# Two pytest workers, a test file each at a time (module fixtures stay in one process): much of the suite waits
+# on subprocesses and servers, so two workers on two cores finish well before one.
 test: venv
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The peers the benchmarks compare against (TRL, datasketch, datatrove) come with the bench extra.
 bench: venv
