@@ -125,6 +125,25 @@ def save_tiny(path: Path, seed: int = 0, zero_head: bool = False, max_positions:
     return path
 
 
+def save_tiny_sft_base(path: Path, alphabet: str) -> Path:
+    """A 1-layer tied Llama (GQA) and a character tokenizer over the Alpaca template plus `alphabet`, as an HF dir:
+    the smallest base an Alpaca-shaped fine-tuning run can start from."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lmforge.tokens.chat import ALPACA, ALPACA_INPUT
+    from lmforge.tokens.tokenizer import build_char_tokenizer
+
+    build_char_tokenizer(ALPACA + ALPACA_INPUT + alphabet, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lmforge ARGS` in a subprocess, as a user runs it."""
     proc = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,

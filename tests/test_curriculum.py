@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_metrics
+from conftest import read_metrics, save_tiny_sft_base
 
 from lmforge.train.curriculum import CurriculumBatches, Schedule, competence, ranked
 from lmforge.train.sft_data import Example
@@ -75,11 +75,6 @@ def test_batches_are_a_function_of_seed_and_step_on_any_world_size():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """A tiny Llama with a character tokenizer and Alpaca-shaped records carrying a numeric `level` field."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lmforge.tokens.chat import ALPACA, ALPACA_INPUT
-    from lmforge.tokens.tokenizer import build_char_tokenizer
-
     d = tmp_path_factory.mktemp("curriculum")
     rng = random.Random(0)
     rows = []
@@ -87,13 +82,7 @@ def tiny(tmp_path_factory) -> dict:
         a, b = rng.randint(0, 99), rng.randint(0, 9999)
         rows.append({"instruction": f"add {a} and {b}", "input": "", "output": f"{a + b}", "level": len(str(b))})
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build_char_tokenizer(ALPACA + ALPACA_INPUT + "0123456789 add", d / "base")
-    tok = AutoTokenizer.from_pretrained(d / "base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d / "base")
+    save_tiny_sft_base(d / "base", "0123456789 add")
     return {"base": d / "base", "data": d / "data.jsonl", "dir": d}
 
 

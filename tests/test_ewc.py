@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, save_tiny_sft_base
 
 from lmforge.train.ewc import EWCPenalty, fisher_diagonal, trainable
 
@@ -107,11 +107,6 @@ def test_penalty_counts_once_per_step_under_accumulation():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """A tiny Llama with a character tokenizer and two Alpaca-shaped tasks (addition as the old, subtraction the new)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lmforge.tokens.chat import ALPACA, ALPACA_INPUT
-    from lmforge.tokens.tokenizer import build_char_tokenizer
-
     d = tmp_path_factory.mktemp("ewc")
     rng = random.Random(0)
     for name, op, f in (("old", "add", lambda a, b: a + b), ("new", "sub", lambda a, b: a - b)):
@@ -119,13 +114,7 @@ def tiny(tmp_path_factory) -> dict:
         (d / f"{name}.jsonl").write_text("".join(
             json.dumps({"instruction": f"{op} {a} and {b}", "input": "", "output": f"{f(a, b)}"}) + "\n"
             for a, b in rows))
-    build_char_tokenizer(ALPACA + ALPACA_INPUT + "0123456789 addsub-", d / "base")
-    tok = AutoTokenizer.from_pretrained(d / "base")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d / "base")
+    save_tiny_sft_base(d / "base", "0123456789 addsub-")
     return {"base": d / "base", "old": d / "old.jsonl", "new": d / "new.jsonl"}
 
 
