@@ -15,11 +15,12 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from lmforge.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: model.load imports this module on the CLI's path
+    import torch
 
 DCP_DIR = "dcp"  # a checkpoint's sharded state, beside its trainer_state.pt
 MAX_SHARD_BYTES = 5 * 1024 ** 3  # one safetensors file; HF's default shard size
@@ -33,6 +34,8 @@ class ShardedCheckpointError(UserError):
 def _allowed(module: str, name: str):
     """The classes and functions DCP's metadata pickle may name (anything else is refused)."""
     import pathlib
+
+    import torch
 
     if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem") \
             and (name[0].isupper() or name in ("_StorageInfo", "_MEM_FORMAT_ENCODING")):
@@ -131,6 +134,8 @@ class ShardedWeights(Mapping):
         self.index = {k[len(prefix):]: v for k, v in tensor_index(checkpoint).items() if k.startswith(prefix)}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        import torch
+
         shape, dtype = self.index[name]
         t = torch.empty(shape, dtype=dtype)
         load_sharded({self.section: {name: t}}, self.checkpoint, distributed=False)
@@ -164,6 +169,8 @@ def write_safetensors(directory: Path, weights: Mapping[str, torch.Tensor], max_
     """Write `weights` as model.safetensors, or as HF's numbered shards plus model.safetensors.index.json when
     they exceed `max_shard_bytes`; returns the file names. Tensors are read from `weights` one at a time and a
     shard is written as soon as it is full, so a lazy mapping is never held whole."""
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     pieces: list[tuple[str, list[str]]] = []
     batch: dict[str, torch.Tensor] = {}
