@@ -221,11 +221,26 @@ def test_the_notice_is_one_line_and_says_which_engine_runs(monkeypatch):
     assert "zero_optimization.offload_param.device=cpu -> train.cpu_offload=true" in line
     assert "; not mapped: wall_clock_breakdown, " in line
     real_find_spec = importlib.util.find_spec
+    monkeypatch.delenv("LMFORGE_DEEPSPEED_ENGINE", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "deepspeed" else real_find_spec(n, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert "DeepSpeed's engine is not used: lmforge has no DeepSpeed engine path" in deepspeed_notice(GUIDE, 1)
+    assert "DeepSpeed's engine is not used: this run's training loop has no DeepSpeed engine path" \
+        in deepspeed_notice(GUIDE, 1)
+    engine = deepspeed_notice(GUIDE, 1, engine_path=True)
+    assert engine.startswith(f"deepspeed: {GUIDE} runs on DeepSpeed's engine (ZeRO-3, optimizer offload cpu, "
+                             "parameter offload cpu, bf16; CUDA); lmforge sets optimizer: lmforge's AdamW")
+    assert engine.endswith("scheduler dropped (lmforge sets the learning rate each step)") and "\n" not in engine
+    monkeypatch.setenv("LMFORGE_DEEPSPEED_ENGINE", "0")
+    assert "DeepSpeed's engine is not used: LMFORGE_DEEPSPEED_ENGINE=0" in deepspeed_notice(GUIDE, 1, engine_path=True)
+    monkeypatch.delenv("LMFORGE_DEEPSPEED_ENGINE")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "DeepSpeed's engine is not used: no CUDA device" in deepspeed_notice(GUIDE, 1)
+    assert "DeepSpeed's engine is not used: no CUDA device (set LMFORGE_DEEPSPEED_ENGINE=1 to run it on the cpu)" \
+        in deepspeed_notice(GUIDE, 1, engine_path=True)
+    monkeypatch.setenv("LMFORGE_DEEPSPEED_ENGINE", "1")
+    assert "runs on DeepSpeed's engine (ZeRO-3, optimizer offload cpu, parameter offload cpu, bf16; " \
+           "LMFORGE_DEEPSPEED_ENGINE=1 on cpu)" in deepspeed_notice(GUIDE, 1, engine_path=True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real_find_spec(n, *a))
+    assert "DeepSpeed's engine is not used: DeepSpeed is not installed" in deepspeed_notice(GUIDE, 1, engine_path=True)
 
 
 @pytest.mark.parametrize("stage,expected", [

@@ -270,16 +270,53 @@ def merge_deepspeed(data: Any, world_size: int) -> Any:
     return {**data, "train": {**train, **overrides}}
 
 
-def deepspeed_notice(value: Path | str | dict, world_size: int) -> str:
-    """One line: which engine runs the ds_config, what was mapped onto train.*, and every setting not mapped."""
-    import torch
+def deepspeed_notice(value: Path | str | dict, world_size: int, device_type: str | None = None,
+                     engine_path: bool = False) -> str:
+    """One line: which engine runs the ds_config and, under FSDP2, what was mapped onto train.* and what was not.
+
+    `device_type` is the run's device ("cuda" when CUDA is available if not given); `engine_path` says that the
+    caller trains on DeepSpeed's engine where train/deepspeed_engine.py's engine_wanted says it runs.
+    """
+    from lmforge.train.deepspeed_engine import engine_wanted
 
     ds, name = load_ds_config(value)
     _, mapped, not_mapped = map_ds_config(ds, world_size)
-    installed = importlib.util.find_spec("deepspeed") is not None
-    if installed and torch.cuda.is_available():
-        why = "lmforge has no DeepSpeed engine path; the config runs on FSDP2"
-    else:
-        why = "DeepSpeed is not installed" if not installed else "no CUDA device"
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    wanted, why = engine_wanted(ds, device_type)
+    if wanted and engine_path:
+        return f"deepspeed: {name} runs on DeepSpeed's engine ({engine_summary(ds)}; {why}); {lmforge_sets(ds)}"
+    if wanted:
+        why = "this run's training loop has no DeepSpeed engine path"
     return (f"deepspeed: {name} mapped to FSDP2 (DeepSpeed's engine is not used: {why}); mapped: {', '.join(mapped) or 'nothing'}"
             f"; not mapped: {', '.join(not_mapped) or 'nothing'}")
+
+
+def engine_summary(ds: dict) -> str:
+    """ "ZeRO-3, optimizer offload cpu, bf16" and the like: what DeepSpeed's engine is asked to run."""
+    zero = _section(ds, "zero_optimization")
+    parts = [f"ZeRO-{zero.get('stage', 0)}"]
+    for key, what in (("offload_optimizer", "optimizer"), ("offload_param", "parameter")):
+        device = _section(zero, key, f"zero_optimization.{key}").get("device", "none")
+        if device != "none":
+            parts.append(f"{what} offload {device}")
+    on = [n for n in ("bf16", "bfloat16", "fp16") if _section(ds, n).get("enabled") is True]
+    auto = [n for n in ("bf16", "bfloat16", "fp16") if _section(ds, n).get("enabled") == "auto"]
+    parts.append("bf16" if on in (["bf16"], ["bfloat16"]) else "fp16" if on == ["fp16"] else
+                 "precision from train.precision" if auto or not any(n in ds for n in ("bf16", "bfloat16", "fp16"))
+                 else "fp32")
+    return ", ".join(parts)
+
+
+def lmforge_sets(ds: dict) -> str:
+    """What lmforge sets in the ds_config DeepSpeed is given: "auto" and missing values, optimizer, scheduler."""
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+    filled = [k for k in keys if ds.get(k, "auto") == "auto"]
+    parts = [f"from train.*: {', '.join(filled)}"] if filled else []
+    opt = "its optimizer's values" if ds.get("optimizer") else "train.lr, beta1, beta2, eps, weight_decay"
+    parts.append(f"optimizer: lmforge's AdamW from {opt}")
+    parts.append("scheduler dropped (lmforge sets the learning rate each step)" if ds.get("scheduler") else
+                 "learning rate: lmforge's train.schedule, set each step")
+    return "lmforge sets " + "; ".join(parts)
