@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import random
+import statistics
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from lmforge.model.config import ModelConfig, n_params
 from lmforge.model.llama import LeanLlama, hf_to_lean, lean_to_hf
 from lmforge.train.config import GuardConfig
 from lmforge.train.data import WindowSampler, micro_batches
-from lmforge.train.guards import StepGuard
+from lmforge.train.guards import REASONS, StepGuard
 from lmforge.train.optim import param_groups
 from lmforge.train.schedule import lr_at
 
@@ -63,18 +65,49 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert total == n_params(m.cfg, include_embeddings=True)
 
 
+def _verdict(g: StepGuard, loss: float, norm: float = 1.0) -> str | None:
+    return REASONS[int(g.verdict(torch.tensor(loss, dtype=torch.float64), torch.tensor(norm)))]
+
+
+def _keep(g: StepGuard, loss: float, skipped: bool = False) -> str | None:
+    """One step as the loop takes it: the device window at once, the host's counters when it reads."""
+    g.accept(torch.tensor(loss, dtype=torch.float64), torch.tensor(skipped))
+    return g.record(loss, skipped)
+
+
 def test_guard_skips_nonfinite_and_spikes_then_asks_for_rollback():
     g = StepGuard(GuardConfig(spike_factor=3.0, spike_warmup=5, max_bad_steps=2))
     for _ in range(10):
-        assert g.check(2.0, 1.0) is None
-        g.record(2.0, skipped=False)
-    assert g.check(float("nan"), 1.0) == "nonfinite" and g.check(2.0, math.inf) == "nonfinite"
-    assert g.check(7.0, 1.0) == "spike" and g.check(5.9, 1.0) is None
-    assert g.record(7.0, skipped=True) is None
-    assert g.record(7.0, skipped=True) == "rollback"
+        assert _verdict(g, 2.0) is None
+        _keep(g, 2.0)
+    assert _verdict(g, float("nan")) == "nonfinite" and _verdict(g, 2.0, math.inf) == "nonfinite"
+    assert _verdict(g, 7.0) == "spike" and _verdict(g, 5.9) is None
+    assert _keep(g, 7.0, skipped=True) is None
+    assert _keep(g, 7.0, skipped=True) == "rollback"
     restored = StepGuard(GuardConfig())
     restored.load_state_dict(g.state_dict())
     assert restored.state_dict() == g.state_dict()
+
+
+def test_the_device_verdict_is_the_median_rule_of_the_kept_losses():
+    """The device decides as statistics.median over the last spike_window kept losses would, through window
+    wrap-around, even counts (mean of the middle two), skipped steps, and a rebuild from a checkpoint's state."""
+    cfg = GuardConfig(spike_factor=1.3, spike_window=4, spike_warmup=3)
+    g, kept, seen = StepGuard(cfg), [], 0
+    rng = random.Random(0)
+    for i in range(60):
+        loss = rng.uniform(1.0, 2.0) * (3 if i % 7 == 6 else 1)
+        recent = kept[-cfg.spike_window:]
+        expect = "spike" if seen >= cfg.spike_warmup and recent and loss > 1.3 * statistics.median(recent) else None
+        assert _verdict(g, loss) == expect, i
+        _keep(g, loss, skipped=expect is not None)
+        if expect is None:
+            kept.append(loss)
+            seen += 1
+        if i == 30:  # resume: the device window is rebuilt from the host's state
+            saved, g = g.state_dict(), StepGuard(cfg)
+            g.load_state_dict(saved)
+    assert list(g.recent) == kept[-cfg.spike_window:] and g.seen == seen
 
 
 @pytest.mark.parametrize("kv_heads, tie", [(4, True), (2, False)])

@@ -1,6 +1,8 @@
 """The pretraining engine end to end: learning, checkpoints, exact resume, guards, config errors."""
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 import time
@@ -159,33 +161,42 @@ def test_pretrain_help_lists_every_config_key():
     assert "none|ddp|fsdp" in proc.stdout
 
 
-def test_loss_is_read_from_the_device_once_per_step_not_per_micro_batch(char_shards, tmp_path, monkeypatch):
-    """Count host reads of tensors (item, tolist, float, bool) inside each step's forward/backward: one, however
-    many micro-batches the step accumulates (a read per micro-batch stalls the GPU's queue each time)."""
+def test_the_host_reads_the_device_once_per_logged_step(char_shards, tmp_path, monkeypatch):
+    """Count host reads of tensors (item, tolist, float, int, bool) in the loop's parts: none in a step's
+    forward/backward or update (guards on, spike median included: the skip is decided on the device), and one per
+    logged step, for all the steps since the last. A read per step or micro-batch stalls a GPU's queue each time."""
     import lmforge.train.loop as loop
 
-    reads: list[int] = []
-    counting = False
-    for name in ("item", "tolist", "__float__", "__bool__"):
+    reads: dict[str, list[int]] = {"forward_backward": [], "update": [], "read_steps": []}
+    part = None
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         def read(self, *a, _orig=getattr(torch.Tensor, name), **k):
-            if counting:
-                reads[-1] += 1
+            if part is not None:
+                reads[part][-1] += 1
             return _orig(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, read)
 
-    def forward_backward(*args, _orig=loop.forward_backward):
-        nonlocal counting
-        reads.append(0)
-        counting = True
-        try:
-            return _orig(*args)
-        finally:
-            counting = False
-    monkeypatch.setattr(loop, "forward_backward", forward_backward)
+    def counted(name):
+        def run(*args, _orig=getattr(loop, name)):
+            nonlocal part
+            reads[name].append(0)
+            part = name
+            try:
+                return _orig(*args)
+            finally:
+                part = None
+        monkeypatch.setattr(loop, name, run)
+    for name in reads:
+        counted(name)
 
-    s = pretrain(cfg_for(char_shards, tmp_path / "run", "train.max_steps=3", "train.micro_batch_size=1",
-                         "train.grad_accum=4", "train.log_every=3"))
-    assert s["steps"] == 3 and reads == [1, 1, 1]
+    s = pretrain(cfg_for(char_shards, tmp_path / "run", "train.max_steps=8", "train.micro_batch_size=1",
+                         "train.grad_accum=4", "train.log_every=4", "train.eval_every=0", "train.ckpt_every=0",
+                         "guards.spike_factor=3", "guards.spike_warmup=2"))
+    assert s["steps"] == 8 and reads["forward_backward"] == [0] * 8 and reads["update"] == [0] * 8
+    assert reads["read_steps"] == [1, 1]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in lines if "loss" in r)
 
 
 @pytest.fixture(scope="module")

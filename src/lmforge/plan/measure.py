@@ -128,7 +128,7 @@ def measure_steps(model: torch.nn.Module, blocks: list, objective, make_batch, t
                 if step == 1:
                     tracker.__enter__()
                 loss, _ = forward_backward(job, engine, state, rt, guards, logger)
-                update(engine, state, loss, tc.grad_clip, logger)
+                update(engine, state, loss, tc.grad_clip)
                 state.step += 1
             tracker.__exit__(None, None, None)
         return {"peak": tracker.peak, "start": tracker.start, "rank": rt.rank, "precision": engine.precision}

@@ -241,7 +241,8 @@ class Checkpointer:
             opts = self._options(full=True)
         set_model_state_dict(engine.model, msd, options=opts)
         # Hyperparameters come from the checkpoint; how the update runs (fused, foreach) is this process's choice:
-        # a run saved by FSDP (foreach over DTensors) resumes fused on one process, and the reverse.
+        # a run saved fused on a GPU resumes with foreach on MPS, and the reverse (a run needs fused to skip a
+        # guarded update on the device).
         for saved_group, group in zip(osd["param_groups"], engine.optimizer.param_groups):
             saved_group.update({k: group[k] for k in IMPLEMENTATION_KEYS if k in group})
         set_optimizer_state_dict(engine.model, engine.optimizer, osd, options=opts)

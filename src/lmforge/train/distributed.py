@@ -113,24 +113,23 @@ def _restore_sync(model):
 
 
 def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
-    """Sum floats over ranks (float64 on the wire so per-step losses do not pick up rounding)."""
+    """Sum host floats over ranks (float64 on the wire, so per-step sums do not pick up rounding).
+
+    The tensor stays on the CPU: on CUDA runs it goes over the gloo half of the process group, so summing host
+    numbers never waits for the GPU's queue.
+    """
     if not rt.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def step_totals(loss_sum: torch.Tensor, counts: list[float], rt: Runtime) -> list[float]:
-    """Sum a step's device-side loss and its host-side counts over ranks, and read them: the step's one host sync.
-
-    One collective carries all of them (float64 on the wire, as in `all_reduce_sum`; float32 on MPS, which has none).
-    """
-    dtype = torch.float32 if loss_sum.device.type == "mps" else torch.float64
-    t = torch.cat([loss_sum.reshape(1).to(dtype), torch.tensor(counts, dtype=dtype).to(loss_sum.device)])
+def sum_on_device(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum a device tensor over ranks without reading it (on CUDA, NCCL queues it behind the step's kernels)."""
     if rt.distributed:
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(value)
+    return value
 
 
 def any_rank(flag: bool, rt: Runtime) -> bool:
@@ -151,7 +150,7 @@ def all_reduce_max(value: int, rt: Runtime) -> int:
     """The maximum of an integer over ranks."""
     if not rt.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    t = torch.tensor([value], dtype=torch.int64)  # on the CPU, as in all_reduce_sum
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 

@@ -17,14 +17,15 @@ def evaluate(job: Job, engine: Engine, rt: Runtime, parallel: str, micro_batch_s
     if job.eval_batches is None:
         return None
     engine.model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float32 if engine.device.type == "mps" else torch.float64,
+                               device=engine.device), 0
     for batch, counted in eval_shard(job.eval_batches, micro_batch_size, rt, parallel):
         with autocast_for(engine.precision, engine.device):
             loss, n = job.objective(engine.forward, batch)
         if counted:  # FSDP pads ranks to the same number of forwards; padding is not counted
-            total += loss.item() * n
+            total += loss.detach().to(total.dtype) * n
             count += n
     engine.model.train()
-    total, count = all_reduce_sum([total, float(count)], rt)
+    total, count = all_reduce_sum([float(total), float(count)], rt)  # the evaluation's one read
     val_loss = total / max(count, 1)
     return val_loss, math.exp(min(val_loss, 50.0))

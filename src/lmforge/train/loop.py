@@ -21,7 +21,7 @@ from lmforge.train.job import Job, RunSpec
 from lmforge.train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from lmforge.train.schedule import lr_at
 from lmforge.train.state import Engine, TrainState, build_engine
-from lmforge.train.step import forward_backward, update
+from lmforge.train.step import StepValues, forward_backward, read_steps, update
 
 
 def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
@@ -38,6 +38,7 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     if resume_from is not None:
         checkpointer.resume(resume_from, state)
 
+    pending: list[StepValues] = []  # steps taken whose loss, norm and verdict are still on the device
     try:
         engine.model.train()
         state.start_clock()
@@ -54,23 +55,31 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
             lr = lr_at(state.step, tc.lr, tc.min_lr, tc.warmup_steps, decay_steps, tc.schedule) * state.lr_scale
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            loss, tokens = forward_backward(job, engine, state, rt, guards, logger)
-            grad_norm, skipped = update(engine, state, loss, tc.grad_clip, logger)
-            action = engine.guard.record(loss, skipped=skipped is not None)
-            if action == "rollback":
-                if checkpointer.roll_back(state, guards.rollback_lr_factor) is None:
-                    raise TrainingStopped(f"{guards.max_bad_steps} bad steps in a row at step {state.step + 1} and no "
-                                          "checkpoint to roll back to; lower train.lr or check the data")
-                continue
-            if action == "stop":
-                raise TrainingStopped(f"{guards.max_bad_steps} bad steps in a row at step {state.step + 1} "
-                                      f"(last: {skipped}); lower train.lr, raise train.warmup_steps, or check the data")
-
+            step_loss, tokens = forward_backward(job, engine, state, rt, guards, logger)
+            pending.append(update(engine, state, step_loss, tc.grad_clip))
             state.step += 1
             state.tokens += tokens
             tokens_since_log += tokens
             logger.advance()
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+            log_now = state.step % tc.log_every == 0 or state.step == tc.max_steps
+            eval_now = bool(tc.eval_every) and state.step % tc.eval_every == 0 and state.step != tc.max_steps
+            ckpt_now = bool(tc.ckpt_every) and state.step % tc.ckpt_every == 0 and state.step != tc.max_steps
+            if not (log_now or eval_now or ckpt_now):
+                continue
+            # The host reads the steps since the last read at once, and the guard catches up with them: a run of
+            # bad steps rolls back or stops here, before anything is logged, evaluated or saved from a bad state.
+            (step, loss, grad_norm, _), action = _settle(pending, engine, logger)
+            pending.clear()
+            if action == "rollback":
+                if checkpointer.roll_back(state, guards.rollback_lr_factor) is None:
+                    raise TrainingStopped(f"{guards.max_bad_steps} bad steps in a row at step {step} and no "
+                                          "checkpoint to roll back to; lower train.lr or check the data")
+                t_log, tokens_since_log = time.perf_counter(), 0
+                continue
+            if action == "stop":
+                raise TrainingStopped(f"{guards.max_bad_steps} bad steps in a row at step {step}; lower train.lr, "
+                                      "raise train.warmup_steps, or check the data")
+            if log_now:
                 now = time.perf_counter()
                 tokens_per_sec = tokens_since_log / max(now - t_log, 1e-9)
                 record = _train_record(state, loss, lr, grad_norm, tokens_per_sec, now, engine)
@@ -79,9 +88,9 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
                     record["mfu"] = tokens_per_sec * job.flops_per_token / (peak * rt.world_size)
                 logger.train(record)
                 t_log, tokens_since_log = now, 0
-            if tc.eval_every and state.step % tc.eval_every == 0 and state.step != tc.max_steps:
+            if eval_now:
                 last_val = _evaluate_and_log(job, engine, rt, tc.parallel, state, logger) or last_val
-            if tc.ckpt_every and state.step % tc.ckpt_every == 0 and state.step != tc.max_steps:
+            if ckpt_now:
                 checkpointer.save(state)
 
         last_val = _evaluate_and_log(job, engine, rt, tc.parallel, state, logger) or last_val
@@ -90,6 +99,8 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
         if final is None or final.name != step_dir_name(state.step):
             final = checkpointer.save(state, final=True)
     except TrainingStopped as e:
+        if pending:  # an OOM with nothing left to halve: the steps before it still get their skip events
+            _settle(pending, engine, logger)
         checkpointer.finish_pending()  # the ranks agreed to stop, so they all get here: keep the last checkpoint
         logger.event(state.step + 1, "stop", str(e))
         raise
@@ -98,6 +109,24 @@ def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     return {"steps": state.step, "final_checkpoint": str(final) if final else None,
             "elapsed_s": time.perf_counter() - state.started, "first_val": first_val, "last_val": last_val,
             "precision": engine.precision, "train_loss": loss}
+
+
+def _settle(pending: list[StepValues], engine: Engine, logger: MetricsLogger
+            ) -> tuple[tuple[int, float, float, str | None], str | None]:
+    """Read the pending steps, log their skips and let the guard count them, in step order.
+
+    Returns the last step read (or the one where the guard acted) and the guard's action ("rollback", "stop" or
+    None); the steps after an action are not counted, since a rollback or a stop undoes them.
+    """
+    steps = read_steps(pending)
+    for values in steps:
+        step, loss, grad_norm, reason = values
+        if reason is not None:
+            logger.event(step, f"skip_{reason}", f"loss {loss:.4g}, grad_norm {grad_norm:.4g}: update skipped")
+        action = engine.guard.record(loss, skipped=reason is not None)
+        if action is not None:
+            return values, action
+    return steps[-1], None
 
 
 def _train_record(state: TrainState, loss: float, lr: float, grad_norm: float, tokens_per_sec: float, now: float,

@@ -75,15 +75,21 @@ class StepMetrics:
         self._sums: dict[tuple[str, str], list[float]] = {}
 
     def add(self, mode: str, values: dict, weight: float = 1.0) -> None:
-        """Add `values` (floats or 0-d tensors) with `weight` (e.g. the pairs they were measured on)."""
+        """Add `values` (floats or 0-d tensors) with `weight` (e.g. the pairs they were measured on).
+
+        Tensors are summed where they are and read only by `take`, so an objective's numbers cost no host sync per
+        micro-batch.
+        """
         for key, value in values.items():
             acc = self._sums.setdefault((mode, key), [0.0, 0.0])
-            acc[0] += float(value) * weight
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64)
+            acc[0] = acc[0] + value * weight
             acc[1] += weight
 
     def take(self, mode: str) -> dict[str, float]:
         """The means added in `mode` since the last take, and forget them."""
-        out = {k: s / max(n, 1e-12) for (m, k), (s, n) in self._sums.items() if m == mode}
+        out = {k: float(s) / max(n, 1e-12) for (m, k), (s, n) in self._sums.items() if m == mode}
         self._sums = {key: v for key, v in self._sums.items() if key[0] != mode}
         return out
 

@@ -19,8 +19,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
                 device: torch.device) -> torch.optim.AdamW:
-    """Fused AdamW on CUDA and CPU (one kernel for all parameters); foreach for sharded (DTensor) params."""
+    """Fused AdamW on CUDA and CPU, sharded (DTensor) parameters included; foreach elsewhere (MPS).
+
+    Fused is one kernel for all parameters, and it can skip an update on the device (`found_inf`), which the
+    step guard uses so that a step needs no host read.
+    """
     groups = param_groups(model, weight_decay)
-    sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
-    fused = device.type in ("cuda", "cpu") and not sharded
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)

@@ -31,6 +31,12 @@ class Engine:
     precision: str  # "bf16", "fp16" or "fp32", already resolved for the device
     device: torch.device
 
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether a guarded update is skipped with no host read: a fused AdamW takes the verdict as `found_inf`;
+        fp16's GradScaler hands it its own."""
+        return bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+
 
 def build_engine(model: nn.Module, blocks: list[nn.Module], tc: TrainConfig, guards: GuardConfig, rt: Runtime,
                  precision: str) -> Engine:

@@ -1,16 +1,19 @@
 """One optimizer step: forward/backward over its micro-batches (with a CUDA-OOM backoff the ranks agree on),
-then the guarded update; the loss stays on the device until the step's one read."""
+then the guarded update. The loss, the gradient norm and the guard's verdict stay on the device: the loop
+reads the steps' values together (`read_steps`), once per logged step, so a GPU never waits for the host."""
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from lmforge.device import autocast_for
 from lmforge.train.config import GuardConfig
-from lmforge.train.distributed import Runtime, any_rank, first_collective_micro, no_grad_sync, step_totals
-from lmforge.train.guards import TrainingStopped
+from lmforge.train.distributed import (Runtime, all_reduce_sum, any_rank, first_collective_micro, no_grad_sync,
+                                       sum_on_device)
+from lmforge.train.guards import REASONS, TrainingStopped
 from lmforge.train.job import Job
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.state import Engine, TrainState
@@ -22,22 +25,23 @@ DEBUG_RANK_ENV = "LMFORGE_DEBUG_RANK"
 
 
 def forward_backward(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards: GuardConfig,
-                     logger: MetricsLogger) -> tuple[float, float]:
-    """Accumulate the gradients of step `state.step + 1`; returns its loss and token count over all ranks.
+                     logger: MetricsLogger) -> tuple[torch.Tensor, float]:
+    """Accumulate the gradients of step `state.step + 1`; returns its mean loss over all ranks (a 0-d tensor on the
+    device, not read) and its token count.
 
     A CUDA out-of-memory error on any rank makes every rank halve the micro-batch and double accumulation (the
-    same global batch, the same windows) and retry: the ranks agree on it by all-reduces, so none trains alone.
+    same global batch, the same windows) and retry: the ranks agree on it by all-reduces of host tensors (gloo),
+    so none trains alone and none waits for its device.
     """
     while True:
         loss_sum, in_tokens, oom = _accumulate(job, engine, state, rt, guards)
-        # One collective and one host read per step: the loss, the tokens, and whether any rank ran out of memory.
-        loss_sum, step_tokens, ooms = step_totals(loss_sum, [float(in_tokens), float(oom is not None)], rt)
+        step_tokens, ooms = all_reduce_sum([float(in_tokens), float(oom is not None)], rt)
         if ooms == 0:
             break
         _back_off(engine, state, guards, logger, str(oom) if oom is not None else "on another rank")
     if job.tokens_per_step is not None:
         step_tokens = job.tokens_per_step
-    return loss_sum / (state.grad_accum * rt.world_size), step_tokens
+    return sum_on_device(loss_sum, rt) / (state.grad_accum * rt.world_size), step_tokens
 
 
 def _accumulate(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards: GuardConfig
@@ -49,7 +53,8 @@ def _accumulate(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards
     """
     step = state.step
     debug_here = os.environ.get(DEBUG_RANK_ENV, str(rt.rank)) == str(rt.rank)
-    loss_sum = torch.zeros((), device=engine.device)
+    loss_sum = torch.zeros((), dtype=torch.float32 if engine.device.type == "mps" else torch.float64,
+                           device=engine.device)
     in_tokens, oom = 0, None
     if debug_here and step + 1 in guards.debug_oom_steps and step + 1 not in state.oom_hooks_fired:
         state.oom_hooks_fired.add(step + 1)  # strikes before the step's first forward, as a real OOM might
@@ -70,7 +75,7 @@ def _accumulate(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards
         except torch.OutOfMemoryError as e:
             oom = e
             continue
-        loss_sum += loss.detach().float()
+        loss_sum += loss.detach().to(loss_sum.dtype)
         if job.batch_tokens is not None:
             in_tokens += job.batch_tokens(batch)
     return loss_sum, in_tokens, oom
@@ -91,26 +96,62 @@ def _back_off(engine: Engine, state: TrainState, guards: GuardConfig, logger: Me
                                   "(same global batch)")
 
 
-def update(engine: Engine, state: TrainState, loss: float, grad_clip: float, logger: MetricsLogger
-           ) -> tuple[float, str | None]:
-    """Unscale, clip, and apply the update unless the guard objects; returns (grad norm, skip reason or None).
+@dataclass
+class StepValues:
+    """What one step leaves on the device for the loop to read later: its loss, gradient norm and guard verdict."""
 
-    Gradients are zeroed either way. An fp16 overflow is not a skip: GradScaler skips that step and lowers its scale.
-    Ranks decide alike with no collective of their own: the loss is the all-reduced one, and the norm is that of
-    the synchronized gradients (DDP) or the global one (FSDP), so a NaN on one rank makes every rank skip.
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    code: torch.Tensor  # index into guards.REASONS: 0 applied, else why the update was skipped
+
+
+def update(engine: Engine, state: TrainState, loss: torch.Tensor, grad_clip: float) -> StepValues:
+    """Unscale, clip, and apply the update unless the guard objects; gradients are zeroed either way.
+
+    With a fused AdamW the skip happens on the device: the verdict goes in as the optimizer's `found_inf` (as
+    GradScaler hands it), which leaves parameters, moments and step count untouched. fp16's GradScaler and a
+    non-fused optimizer decide on the host instead, one read per step; an fp16 overflow with a finite loss is
+    not a skip there (GradScaler skips that step and lowers its scale). Ranks decide alike with no collective of
+    their own: the loss is the all-reduced one, and the norm is that of the synchronized gradients (DDP) or the
+    global one (FSDP), so a NaN on one rank makes every rank skip.
     """
     opt, scaler = engine.optimizer, engine.scaler
     scaler.unscale_(opt)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(engine.params, grad_clip if grad_clip > 0 else float("inf")))
-    reason = engine.guard.check(loss, grad_norm)
-    if reason == "nonfinite" and scaler.is_enabled() and math.isfinite(loss):
-        reason = None
+    grad_norm = torch.nn.utils.clip_grad_norm_(engine.params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
+    code = engine.guard.verdict(loss, grad_norm)
+    if engine.skips_on_device:
+        opt.found_inf = (code != 0).to(torch.float32).to(engine.params[0].device)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    else:
+        code = _host_update(engine, loss, code)
+    engine.guard.accept(loss, code != 0)
+    opt.zero_grad(set_to_none=True)
+    return StepValues(state.step + 1, loss, grad_norm, code)
+
+
+def _host_update(engine: Engine, loss: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The update decided on the host (fp16's GradScaler, non-fused optimizers): returns the final verdict."""
+    opt, scaler = engine.optimizer, engine.scaler
+    reason = REASONS[int(code)]
+    if reason == "nonfinite" and scaler.is_enabled() and math.isfinite(float(loss)):
+        reason, code = None, torch.zeros_like(code)
     if reason is None:
         scaler.step(opt)
         scaler.update()
-    else:
-        logger.event(state.step + 1, f"skip_{reason}", f"loss {loss:.4g}, grad_norm {grad_norm:.4g}: update skipped")
-        if scaler.is_enabled():
-            scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm, reason
+    elif scaler.is_enabled():
+        scaler.update()
+    return code
+
+
+def read_steps(pending: list[StepValues]) -> list[tuple[int, float, float, str | None]]:
+    """(step, loss, grad norm, skip reason) of each pending step, read from the device at once: the loop's one sync."""
+    if not pending:
+        return []
+    values = torch.stack([torch.stack([v.loss, v.grad_norm.to(v.loss), v.code.to(v.loss)]) for v in pending]).tolist()
+    return [(v.step, loss, norm, REASONS[int(code)]) for v, (loss, norm, code) in zip(pending, values)]
