@@ -1,4 +1,4 @@
-"""Atomic checkpoints, in one of two formats that load through one function (`Checkpointer.restore`).
+"""Atomic checkpoints, in one of three formats that load through one function (`Checkpointer.restore`).
 
 - full (one process): the model files (an HF model directory or a PEFT adapter) plus trainer_state.pt
   holding the optimizer state too.
@@ -7,6 +7,8 @@
   state; on resume DCP reshards to whatever the new world size is (2 -> 1, 1 -> 2, ...). trainer_state.pt holds
   the rest. The HF model files are written at the end of a run, streamed tensor by tensor from the shards,
   and by `lmforge export RUN` (model/sharded.py reads them).
+- deepspeed (a ds_config on DeepSpeed's engine): DeepSpeed's own partitions under `deepspeed/`, every rank its
+  own, resumed on the same number of processes; the final checkpoint gets the HF model files too.
 
 A checkpoint is written into a temporary directory, fsynced, renamed to `step-NNNNNNN`, and only
 then is `latest` replaced (itself via a temp file and os.replace), so a process killed at any
@@ -138,6 +140,11 @@ class Checkpointer:
         """Whether this run writes sharded (DCP) checkpoints: several processes, or background saving."""
         return self.rt.distributed or self.async_save
 
+    @property
+    def format(self) -> str:
+        """What this run's checkpoints hold: "deepspeed" (DeepSpeed's engine), "sharded" (DCP) or "full"."""
+        return "deepspeed" if self.engine.ds is not None else "sharded" if self.sharded else "full"
+
     def _options(self, full: bool):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         trainable = self.job.trainable_only
@@ -156,6 +163,8 @@ class Checkpointer:
         `final` (the end of the run): a sharded checkpoint is written in the foreground and gets the HF model
         files too, so every run ends with a directory that the other stages load.
         """
+        if self.engine.ds is not None:
+            return self._save_deepspeed(state, final)
         if not self.sharded:
             msd, osd = self._state_dicts(full=True)  # gathered onto every rank's CPU; rank 0 writes
             path = None
@@ -166,6 +175,21 @@ class Checkpointer:
             barrier(self.rt)
             return path
         return self._save_sharded(state, final)
+
+    def _save_deepspeed(self, state: TrainState, final: bool) -> Path | None:
+        """DeepSpeed's engine writes its own partitions (every rank) under `deepspeed/`; the final one gets the HF
+        model files too, gathered from the fp32 master weights parameter by parameter."""
+        from lmforge.train import deepspeed_engine as dse
+        tmp = self.root / f".tmp-{step_dir_name(state.step)}-deepspeed"
+        if self.rt.is_main:
+            fresh_tmp_dir(self.root, state.step, "deepspeed")
+        barrier(self.rt)
+        dse.save(self.engine.ds, tmp, {"step": state.step})
+        if final:
+            weights = dse.full_state_dict(self.engine.ds)  # a collective: every rank takes part
+            if self.rt.is_main:
+                self.job.save_model(tmp, weights)
+        return self._publish(tmp, state.step, self._trainer_state(state, {}))
 
     def _save_sharded(self, state: TrainState, final: bool) -> Path | None:
         import torch.distributed.checkpoint as dcp
@@ -214,7 +238,7 @@ class Checkpointer:
         """What trainer_state.pt holds: tensors and plain values only, so it loads with weights_only=True."""
         scaler, device = self.engine.scaler, self.engine.device
         return {
-            "step": state.step, "optimizer": optimizer_state, "format": "sharded" if self.sharded else "full",
+            "step": state.step, "optimizer": optimizer_state, "format": self.format,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "guard": self.engine.guard.state_dict(),
             "lr_scale": state.lr_scale, "micro_batch_size": state.micro_batch_size, "grad_accum": state.grad_accum,
             "data_position": state.step, "world_size": self.rt.world_size,
@@ -228,9 +252,31 @@ class Checkpointer:
     def restore(self, path: Path) -> dict:
         """Load checkpoint `path` (either format, written by any number of processes) into the model, optimizer,
         scaler, guard and RNG; returns its trainer state."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         engine = self.engine
         saved = load_trainer_state(path)
+        if (saved.get("format") == "deepspeed") != (engine.ds is not None):
+            written = "DeepSpeed's engine" if saved.get("format") == "deepspeed" else "lmforge's engine"
+            raise UserError(f"{path} was written by {written} and this run trains on the other; resume it on the "
+                            "engine that wrote it (the same deepspeed: config and LMFORGE_DEEPSPEED_ENGINE)")
+        if engine.ds is not None:
+            from lmforge.train.deepspeed_engine import load
+            load(engine.ds, path)  # model, optimizer and ZeRO partitions
+        else:
+            self._load_model_and_optimizer(path, saved)
+        if saved.get("scaler"):
+            engine.scaler.load_state_dict(saved["scaler"])
+        engine.guard.load_state_dict(saved["guard"])
+        if self.job.extra_state and saved.get("extra") is not None:
+            self.job.extra_state[1](saved["extra"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if engine.device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], engine.device)
+        return saved
+
+    def _load_model_and_optimizer(self, path: Path, saved: dict) -> None:
+        """Model and optimizer state from a full or sharded checkpoint, resharded to this run's processes."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        engine = self.engine
         if is_sharded(path):
             msd, osd = self._state_dicts(full=False)
             load_sharded({"model": msd, "optim": {"state": osd["state"]}}, path, self.rt.distributed)
@@ -246,15 +292,6 @@ class Checkpointer:
         for saved_group, group in zip(osd["param_groups"], engine.optimizer.param_groups):
             saved_group.update({k: group[k] for k in IMPLEMENTATION_KEYS if k in group})
         set_optimizer_state_dict(engine.model, engine.optimizer, osd, options=opts)
-        if saved.get("scaler"):
-            engine.scaler.load_state_dict(saved["scaler"])
-        engine.guard.load_state_dict(saved["guard"])
-        if self.job.extra_state and saved.get("extra") is not None:
-            self.job.extra_state[1](saved["extra"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if engine.device.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], engine.device)
-        return saved
 
     def resume(self, path: Path, state: TrainState) -> None:
         """Continue a run from checkpoint `path`: restore it and take its loop counters into `state`."""

@@ -271,27 +271,38 @@ def merge_deepspeed(data: Any, world_size: int) -> Any:
 
 
 def deepspeed_notice(value: Path | str | dict, world_size: int, device_type: str | None = None,
-                     engine_path: bool = False) -> str:
+                     not_here: str | None = None) -> str:
     """One line: which engine runs the ds_config and, under FSDP2, what was mapped onto train.* and what was not.
 
-    `device_type` is the run's device ("cuda" when CUDA is available if not given); `engine_path` says that the
-    caller trains on DeepSpeed's engine where train/deepspeed_engine.py's engine_wanted says it runs.
+    `device_type` is the run's device ("cuda" when CUDA is available if not given); `not_here` is why this job
+    does not run on DeepSpeed's engine even where engine_wanted says it would (LoRA adapters), None when it does.
     """
-    from lmforge.train.deepspeed_engine import engine_wanted
-
     ds, name = load_ds_config(value)
     _, mapped, not_mapped = map_ds_config(ds, world_size)
+    wanted, why = _wanted(ds, device_type, not_here)
+    if wanted:
+        return f"deepspeed: {name} runs on DeepSpeed's engine ({engine_summary(ds)}; {why}); {lmforge_sets(ds)}"
+    return (f"deepspeed: {name} mapped to FSDP2 (DeepSpeed's engine is not used: {why}); mapped: {', '.join(mapped) or 'nothing'}"
+            f"; not mapped: {', '.join(not_mapped) or 'nothing'}")
+
+
+def engine_config(value: Path | str | dict, device_type: str, not_here: str | None = None) -> dict | None:
+    """The ds_config when DeepSpeed's engine runs it (what deepspeed_notice says), else None: FSDP2 runs the mapping."""
+    ds, _ = load_ds_config(value)
+    return ds if _wanted(ds, device_type, not_here)[0] else None
+
+
+def _wanted(ds: dict, device_type: str | None, not_here: str | None) -> tuple[bool, str]:
+    from lmforge.train.deepspeed_engine import engine_wanted
+
     if device_type is None:
         import torch
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     wanted, why = engine_wanted(ds, device_type)
-    if wanted and engine_path:
-        return f"deepspeed: {name} runs on DeepSpeed's engine ({engine_summary(ds)}; {why}); {lmforge_sets(ds)}"
-    if wanted:
-        why = "this run's training loop has no DeepSpeed engine path"
-    return (f"deepspeed: {name} mapped to FSDP2 (DeepSpeed's engine is not used: {why}); mapped: {', '.join(mapped) or 'nothing'}"
-            f"; not mapped: {', '.join(not_mapped) or 'nothing'}")
+    if wanted and not_here:
+        return False, not_here
+    return wanted, why
 
 
 def engine_summary(ds: dict) -> str:

@@ -98,6 +98,8 @@ def initialize(model, tc, ds_config: dict, rt, precision: str):
     """
     if rt.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA wherever it sees one
+    if not rt.distributed and "MASTER_PORT" not in os.environ:
+        _one_process_env()
     import deepspeed
     import torch
 
@@ -118,6 +120,17 @@ def initialize(model, tc, ds_config: dict, rt, precision: str):
         optimizer = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, rt.device)
     engine, _, _, _ = deepspeed.initialize(model=model.to(rt.device), optimizer=optimizer, config=ds)
     return engine
+
+
+def _one_process_env() -> None:
+    """torchrun's variables for a run of one process started without it: DeepSpeed needs a process group, and
+    without these it looks for MPI instead."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def _cast_float_buffers(model, dtype) -> None:

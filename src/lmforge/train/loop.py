@@ -27,7 +27,8 @@ from lmforge.train.step import StepValues, forward_backward, read_steps, update
 def train(job: Job, spec: RunSpec, rt: Runtime) -> dict:
     """Run (or resume) training to `train.max_steps`; returns a summary dict."""
     tc, guards = spec.train, spec.guards
-    engine = build_engine(job.model, job.blocks, tc, guards, rt, resolve_precision(tc.precision, rt.device))
+    engine = build_engine(job.model, job.blocks, tc, guards, rt, resolve_precision(tc.precision, rt.device),
+                          spec.deepspeed)
     ckpt_root = checkpoints_dir(spec.out_dir)
     resume_from = resume_path(spec.resume, ckpt_root)
     logger = MetricsLogger(spec.out_dir, rt.is_main, tc.max_steps, 0, spec.log.tensorboard, spec.log.wandb,

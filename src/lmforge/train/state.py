@@ -30,24 +30,31 @@ class Engine:
     params: list[nn.Parameter]  # the trainable parameters, clipped together
     precision: str  # "bf16", "fp16" or "fp32", already resolved for the device
     device: torch.device
+    ds: object | None = None  # DeepSpeed's engine, when a ds_config runs on it (train/deepspeed_engine.py)
 
     @property
     def skips_on_device(self) -> bool:
         """Whether a guarded update is skipped with no host read: a fused AdamW takes the verdict as `found_inf`;
         fp16's GradScaler hands it its own."""
+        if self.ds is not None:
+            from lmforge.train.deepspeed_engine import skips_on_device
+            return skips_on_device(self.ds)
         return bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
 
 
 def build_engine(model: nn.Module, blocks: list[nn.Module], tc: TrainConfig, guards: GuardConfig, rt: Runtime,
-                 precision: str) -> Engine:
-    """Move `model` to the device, wrap it for DDP/FSDP/HSDP (CPU offload too), and build its AdamW, GradScaler and StepGuard."""
+                 precision: str, ds_config: dict | None = None) -> Engine:
+    """Move `model` to the device, wrap it for DDP/FSDP/HSDP (CPU offload too), and build its AdamW, GradScaler and
+    StepGuard; or hand it to DeepSpeed's engine when `ds_config` is given (the ds_config runs on DeepSpeed)."""
     device = rt.device
-    model = _place(model, device, tc.cpu_offload)
     if tc.grad_checkpointing:
         if hasattr(model, "gradient_checkpointing_enable"):  # transformers (and PEFT-wrapped) models
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing = True
+    if ds_config is not None:
+        return _deepspeed_engine(model, tc, guards, rt, precision, ds_config)
+    model = _place(model, device, tc.cpu_offload)
     sharded = tc.parallel in ("fsdp", "hsdp")
     mp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if sharded else None
     if tc.cpu_offload and not rt.distributed:
@@ -60,6 +67,29 @@ def build_engine(model: nn.Module, blocks: list[nn.Module], tc: TrainConfig, gua
     forward = torch.compile(model) if tc.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     return Engine(model, forward, opt, scaler, StepGuard(guards), params, precision, device)
+
+
+def _deepspeed_engine(model: nn.Module, tc: TrainConfig, guards: GuardConfig, rt: Runtime, precision: str,
+                      ds_config: dict) -> Engine:
+    """The Engine over DeepSpeed's: its module is what the objective calls, its ZeRO optimizer what the LR is set on.
+
+    lmforge features DeepSpeed's engine cannot honour are one-line errors here, before any step.
+    """
+    from lmforge.train import deepspeed_engine as dse
+    if tc.compile:
+        raise ConfigError("train.compile=true is not wired for DeepSpeed's engine; set it to false, or run the "
+                          f"ds_config on FSDP2 ({dse.ENGINE_ENV}=0)")
+    if tc.async_checkpoint:
+        raise ConfigError("train.async_checkpoint=true: DeepSpeed's engine writes its checkpoints itself, in the "
+                          f"foreground; set it to false, or run the ds_config on FSDP2 ({dse.ENGINE_ENV}=0)")
+    if guards.spike_factor > 0 and dse.offloads_optimizer(ds_config):
+        raise ConfigError("guards.spike_factor needs an update that can be skipped, and DeepSpeedCPUAdam "
+                          "(zero_optimization.offload_optimizer) cannot skip one; set guards.spike_factor=0, or "
+                          "drop the optimizer offload")
+    ds = dse.initialize(model, tc, ds_config, rt, precision)
+    params = [p for p in ds.module.parameters() if p.requires_grad]
+    return Engine(ds, ds, ds.optimizer, torch.amp.GradScaler(rt.device.type, enabled=False), StepGuard(guards),
+                  params, precision, rt.device, ds=ds)
 
 
 def _place(model: nn.Module, device: torch.device, cpu_offload: bool) -> nn.Module:

@@ -3,6 +3,7 @@ then the guarded update. The loss, the gradient norm and the guard's verdict sta
 reads the steps' values together (`read_steps`), once per logged step, so a GPU never waits for the host."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -60,18 +61,24 @@ def _accumulate(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards
         state.oom_hooks_fired.add(step + 1)  # strikes before the step's first forward, as a real OOM might
         oom = torch.OutOfMemoryError("debug_oom_steps test hook")
     micro = list(job.train_batches(step, state.micro_batch_size, state.grad_accum, rt.rank, rt.world_size))
-    agree_at = first_collective_micro(engine.model, len(micro)) if rt.distributed else None
+    # DeepSpeed's engine syncs gradients itself, and under ZeRO-3 every forward gathers parameters (as FSDP's).
+    agree_at = None if not rt.distributed else 0 if engine.ds is not None else first_collective_micro(engine.model, len(micro))
     for i, batch in enumerate(micro):
         if i == agree_at and any_rank(oom is not None, rt):
             break
         if oom is not None:
             continue
+        sync = contextlib.nullcontext() if engine.ds is not None else no_grad_sync(engine.model, i == len(micro) - 1)
         try:
-            with no_grad_sync(engine.model, i == len(micro) - 1), autocast_for(engine.precision, engine.device):
+            with sync, autocast_for(engine.precision, engine.device):
                 loss, _ = job.objective(engine.forward, batch)
                 if debug_here and step + 1 in guards.debug_nan_steps:
                     loss = loss * float("nan")
-            engine.scaler.scale(loss / state.grad_accum).backward()
+            if engine.ds is not None:
+                from lmforge.train.deepspeed_engine import backward
+                backward(engine.ds, loss)  # DeepSpeed divides by the accumulation itself
+            else:
+                engine.scaler.scale(loss / state.grad_accum).backward()
         except torch.OutOfMemoryError as e:
             oom = e
             continue
@@ -87,6 +94,10 @@ def _back_off(engine: Engine, state: TrainState, guards: GuardConfig, logger: Me
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()
     step, micro_bs = state.step, state.micro_batch_size
+    if engine.ds is not None:
+        raise TrainingStopped(f"out of memory at step {step + 1} with micro_batch_size {micro_bs} on DeepSpeed's engine, "
+                              "which fixes its micro-batch at start: lower train_micro_batch_size_per_gpu, raise the "
+                              f"ZeRO stage or offload, and resume: {error}")
     if not guards.oom_retry or micro_bs == 1:
         raise TrainingStopped(f"out of memory at step {step + 1} with micro_batch_size {micro_bs}: {error}; "
                               "lower train.micro_batch_size or model size, or enable "
@@ -116,6 +127,8 @@ def update(engine: Engine, state: TrainState, loss: torch.Tensor, grad_clip: flo
     their own: the loss is the all-reduced one, and the norm is that of the synchronized gradients (DDP) or the
     global one (FSDP), so a NaN on one rank makes every rank skip.
     """
+    if engine.ds is not None:
+        return _deepspeed_update(engine, state, loss)
     opt, scaler = engine.optimizer, engine.scaler
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(engine.params, grad_clip if grad_clip > 0 else float("inf"))
@@ -133,6 +146,21 @@ def update(engine: Engine, state: TrainState, loss: torch.Tensor, grad_clip: flo
     engine.guard.accept(loss, code != 0)
     opt.zero_grad(set_to_none=True)
     return StepValues(state.step + 1, loss, grad_norm, code)
+
+
+def _deepspeed_update(engine: Engine, state: TrainState, loss: torch.Tensor) -> StepValues:
+    """The update on DeepSpeed's engine, which clips and steps in one call and skips a non-finite gradient itself.
+
+    The guard's verdict can use only the loss (DeepSpeed computes the norm inside its step); a skip goes in as the
+    fused AdamW's `found_inf`. DeepSpeed reads its global norm on the host, so this path has one read per step.
+    """
+    from lmforge.train.deepspeed_engine import update as ds_update
+    code = engine.guard.verdict(loss, torch.zeros((), device=loss.device))
+    norm, applied = ds_update(engine.ds, code if engine.skips_on_device else None)
+    if not applied:  # DeepSpeed's own skip: a non-finite gradient
+        code = torch.ones_like(code)
+    engine.guard.accept(loss, code != 0)
+    return StepValues(state.step + 1, loss, torch.tensor(norm, device=loss.device), code)
 
 
 def _host_update(engine: Engine, loss: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
