@@ -17,6 +17,9 @@
 #   serve     the serving engine (continuous batching on the fused runner, what `lmforge serve` puts behind
 #             HTTP) on it: output tokens/s with 8 and 32 sequences in flight
 #   eval      lmforge eval perplexity on it in bf16: tokens/s
+#   deepspeed torchrun, a ZeRO-3 ds_config on DeepSpeed's own engine (preset 124m, bf16): tokens/s, peak memory,
+#             checkpoint + resume, HF weights at the end (skipped when deepspeed does not import; on the dry
+#             run LMFORGE_DEEPSPEED_ENGINE=1 runs it on the CPU, whose first run builds DeepSpeed's C++ ops)
 # A section that fails or times out prints FAILED and its one-line reason in its rows; the others still run
 # (exit status 1 then). Logs: $OUT (or the work dir)/<section>.log.
 #
@@ -29,6 +32,10 @@
 #     --implementation cp --platform manylinux_2_17_x86_64 -d .whl pydantic==2.14.4 pydantic_core==2.50.5 \
 #     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 peft==0.21.2 accelerate psutil \
 #     [bitsandbytes==0.50.2]
+#   and for the deepspeed section, a pure-Python wheel built here (PyPI has only the sdist) plus its dependencies:
+#     python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8; python3 -m pip download --no-deps --only-binary=:all: \
+#       --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 -d .whl hjson ninja py-cpuinfo \
+#       einops msgpack nvidia-ml-py
 #   then, there: PYTHON=python3 bash bench/gpu_check.sh     (device tool: carry [".whl"], timeout_s 580)
 # Knobs (env): BUDGET_S (530) for the whole script; BENCH_TMP (scratch dir); STEPS (30) for the pretrain runs.
 set -uo pipefail
@@ -43,21 +50,22 @@ while (( $# )); do
   esac
   shift
 done
-SECTIONS=(env pretrain fsdp model qlora serve eval)
+SECTIONS=(env pretrain fsdp model qlora serve eval deepspeed)
 # Rows per section: key and label; the table lists them in this order.
 declare -A ROWS_OF=([env]="env" [pretrain]="pretrain-124m pretrain-1b" [fsdp]="fsdp" [model]="model"
-                    [qlora]="qlora" [serve]="serve-8 serve-32" [eval]="eval")
+                    [qlora]="qlora" [serve]="serve-8 serve-32" [eval]="eval" [deepspeed]="deepspeed")
 declare -A LABEL=([env]="environment" [pretrain-124m]="pretrain 124m (compile, flash SDPA, bf16)"
                   [pretrain-1b]="pretrain 1b (compile, flash SDPA, bf16)"
                   [fsdp]="FSDP checkpoint + resume (124m)" [model]="~1B test model (preset 1b, random init)"
                   [qlora]="QLoRA finetune of the ~1B model" [serve-8]="serving engine, 8 in flight"
-                  [serve-32]="serving engine, 32 in flight" [eval]="eval perplexity, bf16")
+                  [serve-32]="serving engine, 32 in flight" [eval]="eval perplexity, bf16"
+                  [deepspeed]="DeepSpeed engine, ZeRO-3 (124m)")
 # Per-section timeouts (s); each is also capped by the budget left.
 if (( DRY )); then
-  declare -A LIMIT=([env]=30 [pretrain]=150 [fsdp]=90 [model]=60 [qlora]=90 [serve]=60 [eval]=60)
+  declare -A LIMIT=([env]=30 [pretrain]=150 [fsdp]=90 [model]=60 [qlora]=90 [serve]=60 [eval]=60 [deepspeed]=150)
   DEVICE=cpu PRESET_124M=tiny PRESET_1B=tiny SEQ=64 PRECISION=fp32 DTYPE=bfloat16
 else
-  declare -A LIMIT=([env]=30 [pretrain]=250 [fsdp]=70 [model]=60 [qlora]=90 [serve]=60 [eval]=30)
+  declare -A LIMIT=([env]=30 [pretrain]=250 [fsdp]=70 [model]=60 [qlora]=90 [serve]=60 [eval]=30 [deepspeed]=80)
   DEVICE=cuda PRESET_124M=124m PRESET_1B=1b SEQ=2048 PRECISION=bf16 DTYPE=bfloat16
 fi
 export PY DRY DEVICE PRESET_124M PRESET_1B SEQ PRECISION DTYPE
@@ -288,6 +296,32 @@ print(f"token ppl {ppl:.2f}{rate}\t{n if n is not None else '?'} tokens, {sys.ar
 PY
   IFS=$'\t' read -r res notes <"$W/eval.txt"
   row eval "$res" "$notes (random weights: ppl ~ vocab size is expected)"
+}
+
+section_deepspeed() {
+  if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+    row deepspeed "skipped: deepspeed not installed" "carry its wheel in .whl (see the header)"; return 0
+  fi
+  [[ -d $W/fsdp-data ]] || "$PY" bench/make_synthetic_shards.py "$W/fsdp-data" --vocab-size "$( (( DRY )) && echo 512 || echo 32000)" \
+    --n-tokens "$( (( DRY )) && echo 20000 || echo 2000000)" --n-val-tokens 16 || return 1
+  local n=$(( DRY ? 3 : 10 )) bf16=$( (( DRY )) && echo false || echo true)
+  printf '{"zero_optimization": {"stage": 3}, "bf16": {"enabled": %s}, "gradient_clipping": 1.0}\n' "$bf16" >"$W/ds.json"
+  local args=(data.dir="$W/fsdp-data" model.preset="$PRESET_124M" model.max_seq_len=$(( DRY ? 64 : 1024 ))
+              train.device="$DEVICE" train.compile=false train.micro_batch_size=$(( DRY ? 4 : 8 )) deepspeed="$W/ds.json"
+              train.max_steps=$(( 2 * n )) train.warmup_steps=2 train.ckpt_every="$n" "${COMMON_LOG[@]}")
+  local launch=(env LMFORGE_DEEPSPEED_ENGINE=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m lmforge pretrain)
+  "${launch[@]}" out_dir="$W/ds-run" "${args[@]}" train.max_steps="$n" train.decay_steps=$(( 2 * n )) resume=never \
+    | tee "$W/ds.out" || return 1
+  grep -q "runs on DeepSpeed's engine" "$W/ds.out" || { echo "the ds_config did not run on DeepSpeed's engine"; return 1; }
+  "${launch[@]}" out_dir="$W/ds-run" "${args[@]}" || return 1
+  local final
+  final="$W/ds-run/checkpoints/$(printf 'step-%07d' $(( 2 * n )))"
+  [[ -f $final/model.safetensors && -d $final/deepspeed ]] || { echo "no DeepSpeed checkpoint with HF weights at $final"; return 1; }
+  local s
+  s=$(train_summary "$W/ds-run" "$( (( DRY )) && echo 1 || echo 3)") || return 1
+  IFS=$'\t' read -r tps mfu mem loss steps <<<"$s"
+  row deepspeed "$tps tokens/s, MFU $mfu, peak $mem GB" \
+      "1 process, ZeRO-3, $( [[ $bf16 == true ]] && echo bf16 || echo fp32); stopped at step $n and resumed from DeepSpeed's checkpoint, $steps steps, final loss $loss; HF weights gathered at the end"
 }
 
 if [[ -n $ONLY ]]; then  # one section, in this process: the main run starts each section this way

@@ -73,16 +73,17 @@ def test_summary_without_mfu_says_na(tmp_path):
 
 GPU_CHECK_ROWS = ("environment", "pretrain 124m", "pretrain 1b", "FSDP checkpoint + resume", "~1B test model",
                   "QLoRA finetune", "serving engine, 8 in flight", "serving engine, 32 in flight",
-                  "eval perplexity, bf16")
+                  "eval perplexity, bf16", "DeepSpeed engine, ZeRO-3")
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_fills_every_row_of_its_table(tmp_path):
     require("bitsandbytes", why="the qlora section")
     require("peft", why="the qlora section")
+    require("deepspeed", why="the deepspeed section")
     env = {**os.environ, "PYTHON": sys.executable, "BENCH_TMP": str(tmp_path / "work"), "OUT": str(tmp_path / "out")}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert table in proc.stdout
@@ -98,6 +99,8 @@ def test_gpu_check_dry_run_fills_every_row_of_its_table(tmp_path):
     for c in (8, 32):
         assert re.search(rf"\| [\d,]+ output tokens/s \| {2 * c} requests x 8 tokens", numbers[f"serving engine, {c} in flight"])
     assert re.search(r"\| [\d,]+ tokens/s, peak [\d.]+ GB \|", numbers["QLoRA finetune"])
+    assert re.search(r"\| [\d,]+ tokens/s, MFU n/a, peak [\d.]+ GB \| 1 process, ZeRO-3, fp32; stopped at step 3 "
+                     r"and resumed from DeepSpeed's checkpoint, 6 steps", numbers["DeepSpeed engine, ZeRO-3"])
     assert re.search(r"\| token ppl [\d.]+, [\d,]+ tokens/s", numbers["eval perplexity, bf16"])
 
 
@@ -112,12 +115,12 @@ def test_gpu_check_reports_a_failing_section_and_runs_the_rest(tmp_path):
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "BENCH_TMP": str(tmp_path / "work"), "OUT": str(tmp_path / "out")}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=480)
     assert proc.returncode == 1, proc.stdout[-5000:] + proc.stderr[-3000:]
     rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert "| FAILED: ImportError: no CUDA torch here |" in rows["~1B test model (preset 1b, random init)"]
     for label in ("QLoRA finetune of the ~1B model", "serving engine, 8 in flight", "serving engine, 32 in flight",
-                  "eval perplexity, bf16"):
+                  "eval perplexity, bf16", "DeepSpeed engine, ZeRO-3"):
         assert "| FAILED: the model section did not build " in rows[label], rows[label]
     for label in ("environment", "pretrain 124m (compile, flash SDPA, bf16)", "FSDP checkpoint + resume (124m)"):
         assert "FAILED" not in rows[label], rows[label]

@@ -184,3 +184,15 @@ def test_a_checkpoint_index_cannot_run_code(stopped_runs, tmp_path, capsys):
     with pytest.raises(ShardedCheckpointError, match="builtins.print is not allowed"):
         ShardedWeights(ckpt, "model")
     assert "code ran" not in capsys.readouterr().out
+
+
+def test_an_intermediate_deepspeed_checkpoint_is_not_exported_but_explained(tmp_path):
+    """DeepSpeed's partitions are not read by export (they are pickles DeepSpeed unpickles in full): one line
+    names the checkpoint and the two ways to its weights."""
+    from lmforge.errors import UserError
+    from lmforge.model.export import export_model
+    ckpt = tmp_path / "step-0000004"
+    (ckpt / "deepspeed").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"intermediate checkpoint of DeepSpeed.s engine .*zero_to_fp32.py .* or resume the run"):
+        export_model(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,15 +131,45 @@ def test_ds_config_runs_on_deepspeeds_engine_skips_resumes_and_exports(char_shar
     assert AutoModelForCausalLM.from_pretrained(final).num_parameters() > 0
 
 
-def test_a_deepspeed_checkpoint_resumes_only_on_deepspeeds_engine(char_shards, tmp_path):
-    """lmforge's engine refuses DeepSpeed's partitions (and the reverse) in one line, before a step."""
+def test_a_deepspeed_checkpoint_resumes_only_on_deepspeeds_engine_and_loads_no_code(char_shards, tmp_path):
+    """ZeRO-2 on one process (no torchrun) resumes from its own checkpoint, whose files DeepSpeed reads with
+    weights_only=True; a planted pickle is refused before it runs, and lmforge's engine refuses the checkpoint."""
     require("deepspeed", why="DeepSpeed's engine path (pip install -e '.[deepspeed]')")
+    from lmforge.train.deepspeed_engine import read_checkpoint_file
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}))
-    out = tmp_path / "run"
-    pretrain(char_shards, out, f"deepspeed={ds}", "train.max_steps=2", env={"LMFORGE_DEEPSPEED_ENGINE": "1"})
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    out, engine = tmp_path / "run", {"LMFORGE_DEEPSPEED_ENGINE": "1"}
+    bf16 = "train.precision=bf16"
+    pretrain(char_shards, out, f"deepspeed={ds}", bf16, "train.max_steps=2", env=engine)
+    pretrain(char_shards, out, f"deepspeed={ds}", bf16, "train.max_steps=3", env=engine)
+    assert [e["event"] for e in events(out) if e["event"] == "resumed"] == ["resumed"]
+    assert sorted(losses(out)) == [1, 2, 3]
+
+    partitions = sorted((out / "checkpoints" / "step-0000003" / "deepspeed").glob("*.pt"))
+    assert len(partitions) == 2 and all(read_checkpoint_file(f) for f in partitions)
+    planted = tmp_path / "planted.pt"
+    torch.save({"optimizer_state_dict": _Planted(tmp_path / "pwned")}, planted)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        read_checkpoint_file(planted)
+    assert not (tmp_path / "pwned").exists()
+
     with pytest.raises(AssertionError, match=r"was written by DeepSpeed's engine and this run trains on the other"):
-        pretrain(char_shards, out, f"deepspeed={ds}", "train.max_steps=3", env={"LMFORGE_DEEPSPEED_ENGINE": "0"})
+        pretrain(char_shards, out, f"deepspeed={ds}", bf16, "train.max_steps=4", env={"LMFORGE_DEEPSPEED_ENGINE": "0"})
+    shutil.copy(planted, next(f for f in partitions if f.name.endswith("model_states.pt")))
+    with pytest.raises(AssertionError, match=r"error: deepspeed: .* holds a pickle lmforge does not load \(Trying to "
+                                             r"load unsupported GLOBAL posix.system"):
+        pretrain(char_shards, out, f"deepspeed={ds}", bf16, "train.max_steps=4", env=engine)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Planted:
+    """A pickle that runs a command (touch `path`) when loaded in full."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
 
 
 def test_hsdp_two_by_two_matches_one_process(char_shards, tmp_path):

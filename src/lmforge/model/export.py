@@ -93,6 +93,10 @@ def sharded_checkpoint(spec: str | Path) -> Path | None:
             return None
     if is_sharded(path) and not (path / "config.json").is_file():
         return path
+    if (path / "deepspeed").is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{path} is an intermediate checkpoint of DeepSpeed's engine (ZeRO partitions, no HF weights): "
+                        f"its run writes them at its end; for this step, DeepSpeed's own `python {path}/zero_to_fp32.py "
+                        f"{path} OUT --tag deepspeed` gathers them (it unpickles the partitions in full), or resume the run")
     return None
 
 

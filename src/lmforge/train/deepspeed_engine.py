@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,24 @@ def initialize(model, tc, ds_config: dict, rt, precision: str):
     else:
         optimizer = build_adamw(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, rt.device)
     engine, _, _, _ = deepspeed.initialize(model=model.to(rt.device), optimizer=optimizer, config=ds)
+    engine.checkpoint_engine.load = read_checkpoint_file  # every checkpoint read of DeepSpeed's goes through it
     return engine
+
+
+def read_checkpoint_file(path, map_location=None):
+    """One of DeepSpeed's checkpoint files, read with torch.load(weights_only=True) admitting its own plain records.
+
+    Why: DeepSpeed unpickles its checkpoint files in full, which runs whatever code a planted file names;
+    lmforge loads no such pickle. Its files hold tensors plus these four record types (ZeRO stages 1-3,
+    bf16/fp16, optimizer offload), which carry data and no behaviour on load.
+    """
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _one_process_env() -> None:
@@ -223,7 +241,11 @@ def load(engine, directory: Path | str) -> dict:
     if stage > 0 and len(saved) != engine.dp_world_size:
         raise ConfigError(f"deepspeed: {directory} was saved by {len(saved)} processes and this run has "
                           f"{engine.dp_world_size}; resume with {len(saved)} (ZeRO partitions are per process)")
-    loaded, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    try:
+        loaded, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    except pickle.UnpicklingError as e:
+        refused = next((line for line in str(e).splitlines() if "GLOBAL" in line), "not tensors and plain records")
+        raise ConfigError(f"deepspeed: {path} holds a pickle lmforge does not load ({refused.strip()})") from None
     if loaded is None:
         raise ConfigError(f"deepspeed: could not load the checkpoint in {path}")
     return (client_state or {}).get(_CLIENT_KEY, {})
