@@ -302,7 +302,8 @@ def test_the_notice_is_one_line_and_says_which_engine_runs(monkeypatch):
         in deepspeed_notice(GUIDE, 1, not_here="LoRA adapters train on FSDP2")
     engine = deepspeed_notice(GUIDE, 1)
     assert engine.startswith(f"deepspeed: {GUIDE} runs on DeepSpeed's engine (ZeRO-3, optimizer offload cpu, "
-                             "parameter offload cpu, bf16; CUDA); lmforge sets optimizer: lmforge's AdamW")
+                             "parameter offload cpu, bf16; CUDA); lmforge sets optimizer: DeepSpeedCPUAdam in AdamW mode "
+                             "(optimizer offload) with lmforge's parameter groups, from its optimizer's values")
     assert engine.endswith("scheduler dropped (lmforge sets the learning rate each step)") and "\n" not in engine
     monkeypatch.setenv("LMFORGE_DEEPSPEED_ENGINE", "0")
     assert "DeepSpeed's engine is not used: LMFORGE_DEEPSPEED_ENGINE=0" in deepspeed_notice(GUIDE, 1)

@@ -327,7 +327,9 @@ def lmforge_sets(ds: dict) -> str:
     filled = [k for k in keys if ds.get(k, "auto") == "auto"]
     parts = [f"from train.*: {', '.join(filled)}"] if filled else []
     opt = "its optimizer's values" if ds.get("optimizer") else "train.lr, beta1, beta2, eps, weight_decay"
-    parts.append(f"optimizer: lmforge's AdamW from {opt}")
+    offload = _section(_section(ds, "zero_optimization"), "offload_optimizer").get("device") == "cpu"
+    name = "DeepSpeedCPUAdam in AdamW mode (optimizer offload)" if offload else "lmforge's AdamW"
+    parts.append(f"optimizer: {name} with lmforge's parameter groups, from {opt}")
     parts.append("scheduler dropped (lmforge sets the learning rate each step)" if ds.get("scheduler") else
                  "learning rate: lmforge's train.schedule, set each step")
     return "lmforge sets " + "; ".join(parts)
