@@ -257,3 +257,28 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny, tmp_path, method):
     for s in plain:
         assert gc[s] == pytest.approx(plain[s], rel=1e-5)
     assert plain[4] != plain[1]  # training moved the model, so equal later losses mean equal updates
+
+
+def test_full_finetune_on_deepspeeds_engine_trains_as_on_lmforges(tiny, tmp_path):
+    """A ds_config (ZeRO-2, one process) on DeepSpeed's engine gives the losses of lmforge's engine and a
+    standalone final model; LoRA keeps to lmforge's engine and the notice says so."""
+    from transformers import AutoModelForCausalLM
+
+    require("deepspeed", why="DeepSpeed's engine path (pip install -e '.[deepspeed]')")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    engine = {"LMFORGE_DEEPSPEED_ENGINE": "1"}
+    args = ("method=full", "train.max_steps=6", "train.lr=1e-3", "train.precision=fp32")
+    run_cli(*ft_args(tiny, tmp_path / "ref", *args))
+    proc = run_cli(*ft_args(tiny, tmp_path / "ds", *args, f"deepspeed={ds}"), env=engine)
+    assert "runs on DeepSpeed's engine (ZeRO-2, precision from train.precision; LMFORGE_DEEPSPEED_ENGINE=1 on cpu)" \
+        in proc.stdout
+    ref, got = step_losses(tmp_path / "ref"), step_losses(tmp_path / "ds")
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-5)
+    ckpt = tmp_path / "ds" / "checkpoints" / "step-0000006"
+    assert (ckpt / "tokenizer.json").is_file() and (ckpt / "deepspeed").is_dir()
+    assert AutoModelForCausalLM.from_pretrained(ckpt).num_parameters() > 0
+
+    lora = run_cli(*ft_args(tiny, tmp_path / "lora", "train.max_steps=1", f"deepspeed={ds}"), env=engine)
+    assert "DeepSpeed's engine is not used: lora adapters train on lmforge's engine" in lora.stdout

@@ -61,8 +61,9 @@ def _accumulate(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards
         state.oom_hooks_fired.add(step + 1)  # strikes before the step's first forward, as a real OOM might
         oom = torch.OutOfMemoryError("debug_oom_steps test hook")
     micro = list(job.train_batches(step, state.micro_batch_size, state.grad_accum, rt.rank, rt.world_size))
-    # DeepSpeed's engine syncs gradients itself, and under ZeRO-3 every forward gathers parameters (as FSDP's).
-    agree_at = None if not rt.distributed else 0 if engine.ds is not None else first_collective_micro(engine.model, len(micro))
+    agree_at = None
+    if rt.distributed:  # DeepSpeed's engine: every ZeRO-3 forward gathers parameters, as FSDP's do
+        agree_at = 0 if engine.ds is not None else first_collective_micro(engine.model, len(micro))
     for i, batch in enumerate(micro):
         if i == agree_at and any_rank(oom is not None, rt):
             break
