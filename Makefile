@@ -28,12 +28,10 @@ demo-full: venv
 
 # lint-imports checks the layers contract in pyproject.toml (imports run one way) before the suite runs.
 # Two pytest workers, a test file each at a time (module fixtures stay in one process): much of the suite waits
-# on subprocesses and servers, so two workers on two cores finish well before one. Files go out in collection
-# order (--no-loadscope-reorder), which tests/conftest.py starts with the longest files: xdist's own order, most
-# tests first, left the few-test, minutes-long files to the end, one worker running them alone.
+# on subprocesses and servers, so two workers on two cores finish well before one.
 test: venv
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The peers the benchmarks compare against (TRL, datasketch, datatrove) come with the bench extra.
 bench: venv

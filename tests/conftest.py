@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IN_CI = bool(os.environ.get("CI"))
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # the hub is never reachable from tests
 # The longest files (minutes each, measured with --durations), started first: `make test` hands whole files to two
-# workers in collection order (--no-loadscope-reorder); xdist's default order (most tests first) left these
-# few-test files to the end, one worker running them alone for minutes.
+# workers in collection order, and these at the end of the alphabet left one worker running alone for minutes.
 LONGEST_FIRST = ("test_quickstart_full.py", "test_serve_lmeval.py", "test_finetune.py", "test_bench_gpu.py",
                  "test_align.py", "test_eval_parity.py", "test_distributed.py", "test_memory_levers.py")
 
