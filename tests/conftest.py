@@ -15,16 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = bool(os.environ.get("CI"))
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # the hub is never reachable from tests
-# The longest files (minutes each, measured with --durations), started first: `make test` hands whole files to two
-# workers in collection order, and these at the end of the alphabet left one worker running alone for minutes.
-LONGEST_FIRST = ("test_quickstart_full.py", "test_serve_lmeval.py", "test_finetune.py", "test_bench_gpu.py",
-                 "test_align.py", "test_eval_parity.py", "test_distributed.py", "test_memory_levers.py")
-
-
-def pytest_collection_modifyitems(items):
-    """Run the longest test files first (a stable sort: the order inside each file stays)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture
