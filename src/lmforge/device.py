@@ -17,6 +17,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype to accumulate losses and metrics in on `device`: float64, or float32 on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class DeviceError(UserError):
     """A device that was asked for and is not there; the message names the setting."""
 

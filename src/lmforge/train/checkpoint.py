@@ -254,8 +254,9 @@ class Checkpointer:
         scaler, guard and RNG; returns its trainer state."""
         engine = self.engine
         saved = load_trainer_state(path)
-        if (saved.get("format") == "deepspeed") != (engine.ds is not None):
-            written = "DeepSpeed's engine" if saved.get("format") == "deepspeed" else "lmforge's engine"
+        by_deepspeed = saved.get("format") == "deepspeed"
+        if by_deepspeed != (engine.ds is not None):
+            written = "DeepSpeed's engine" if by_deepspeed else "lmforge's engine"
             raise UserError(f"{path} was written by {written} and this run trains on the other; resume it on the "
                             "engine that wrote it (the same deepspeed: config and LMFORGE_DEEPSPEED_ENGINE)")
         if engine.ds is not None:

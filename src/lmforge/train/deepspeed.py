@@ -277,19 +277,19 @@ def deepspeed_notice(value: Path | str | dict, world_size: int, device_type: str
     `device_type` is the run's device ("cuda" when CUDA is available if not given); `not_here` is why this job
     does not run on DeepSpeed's engine even where engine_wanted says it would (LoRA adapters), None when it does.
     """
+    return deepspeed_plan(value, world_size, device_type, not_here)[1]
+
+
+def deepspeed_plan(value: Path | str | dict, world_size: int, device_type: str | None = None,
+                   not_here: str | None = None) -> tuple[dict | None, str]:
+    """(the ds_config when DeepSpeed's engine runs it, else None: FSDP2 runs the mapping; the one-line notice)."""
     ds, name = load_ds_config(value)
     _, mapped, not_mapped = map_ds_config(ds, world_size)
     wanted, why = _wanted(ds, device_type, not_here)
     if wanted:
-        return f"deepspeed: {name} runs on DeepSpeed's engine ({engine_summary(ds)}; {why}); {lmforge_sets(ds)}"
-    return (f"deepspeed: {name} mapped to FSDP2 (DeepSpeed's engine is not used: {why}); mapped: {', '.join(mapped) or 'nothing'}"
-            f"; not mapped: {', '.join(not_mapped) or 'nothing'}")
-
-
-def engine_config(value: Path | str | dict, device_type: str, not_here: str | None = None) -> dict | None:
-    """The ds_config when DeepSpeed's engine runs it (what deepspeed_notice says), else None: FSDP2 runs the mapping."""
-    ds, _ = load_ds_config(value)
-    return ds if _wanted(ds, device_type, not_here)[0] else None
+        return ds, f"deepspeed: {name} runs on DeepSpeed's engine ({engine_summary(ds)}; {why}); {lmforge_sets(ds)}"
+    return None, (f"deepspeed: {name} mapped to FSDP2 (DeepSpeed's engine is not used: {why}); mapped: "
+                  f"{', '.join(mapped) or 'nothing'}; not mapped: {', '.join(not_mapped) or 'nothing'}")
 
 
 def _wanted(ds: dict, device_type: str | None, not_here: str | None) -> tuple[bool, str]:

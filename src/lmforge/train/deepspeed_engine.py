@@ -81,11 +81,6 @@ def complete_config(ds_config: dict, tc, world_size: int, precision: str) -> tup
     return ds, filled
 
 
-def zero_stage(ds_config: dict) -> int:
-    """The ZeRO stage a ds_config asks for (0 when it has none)."""
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-
-
 def offloads_optimizer(ds_config: dict) -> bool:
     """Whether the ds_config keeps optimizer state on the CPU (ZeRO-Offload), which needs DeepSpeedCPUAdam."""
     return ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu"

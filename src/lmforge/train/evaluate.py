@@ -8,7 +8,7 @@ import torch
 from lmforge.train.distributed import Runtime, all_reduce_sum, eval_shard
 from lmforge.train.job import Job
 from lmforge.train.state import Engine
-from lmforge.device import autocast_for
+from lmforge.device import autocast_for, sum_dtype
 
 
 @torch.no_grad()
@@ -17,8 +17,7 @@ def evaluate(job: Job, engine: Engine, rt: Runtime, parallel: str, micro_batch_s
     if job.eval_batches is None:
         return None
     engine.model.eval()
-    total, count = torch.zeros((), dtype=torch.float32 if engine.device.type == "mps" else torch.float64,
-                               device=engine.device), 0
+    total, count = torch.zeros((), dtype=sum_dtype(engine.device), device=engine.device), 0
     for batch, counted in eval_shard(job.eval_batches, micro_batch_size, rt, parallel):
         with autocast_for(engine.precision, engine.device):
             loss, n = job.objective(engine.forward, batch)

@@ -22,7 +22,7 @@ from torch import nn
 from lmforge.config import dump_config
 from lmforge.errors import UserError
 from lmforge.train.config import FinetuneConfig
-from lmforge.train.deepspeed import deepspeed_notice, engine_config
+from lmforge.train.deepspeed import deepspeed_plan
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.device import resolve_precision
 from lmforge.train.loop import Job, RunSpec, train
@@ -183,9 +183,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
         # LoRA and QLoRA keep to FSDP2: their checkpoints are adapters, which DeepSpeed's engine does not write.
-        ds_not_here = None if cfg.method == "full" else f"{cfg.method} adapters train on lmforge's engine"
-        if rt.is_main and cfg.deepspeed is not None:
-            print(deepspeed_notice(cfg.deepspeed, rt.world_size, rt.device.type, ds_not_here), flush=True)
+        ds_engine = None  # the ds_config when DeepSpeed's engine runs it
+        if cfg.deepspeed is not None:
+            not_here = None if cfg.method == "full" else f"{cfg.method} adapters train on lmforge's engine"
+            ds_engine, notice = deepspeed_plan(cfg.deepspeed, rt.world_size, rt.device.type, not_here)
+            if rt.is_main:
+                print(notice, flush=True)
         if tc.liger and rt.device.type != "cuda":
             raise UserError("train.liger=true needs a CUDA device (Liger kernels are Triton)")
         precision = resolve_precision(tc.precision, rt.device)
@@ -222,8 +225,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             save_model=save_model, load_model=load_model, batch_tokens=batch_tokens,
             trainable_only=cfg.method != "full", blocks=decoder_layers(model),
         )
-        spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"),
-                       engine_config(cfg.deepspeed, rt.device.type, ds_not_here) if cfg.deepspeed is not None else None)
+        spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"), ds_engine)
         summary = train(job, spec, rt)
         summary.update({"method": cfg.method, "trainable_params": trainable, "total_params": total,
                         "model_memory_gb": model.get_memory_footprint() / 1024 ** 3 if hasattr(model, "get_memory_footprint") else None,

@@ -55,4 +55,4 @@ class RunSpec:
     guards: GuardConfig
     log: LogConfig
     config_dump: dict = field(default_factory=dict)
-    deepspeed: dict | None = None  # the ds_config DeepSpeed's engine runs (train.deepspeed.engine_config); None: ours
+    deepspeed: dict | None = None  # the ds_config DeepSpeed's engine runs (train.deepspeed.deepspeed_plan); None: ours

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.device import sum_dtype
+
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPUs) report no MFU.
 PEAK_BF16_FLOPS = {
     "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12,
@@ -83,7 +85,7 @@ class StepMetrics:
         for key, value in values.items():
             acc = self._sums.setdefault((mode, key), [0.0, 0.0])
             if isinstance(value, torch.Tensor):
-                value = value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64)
+                value = value.detach().to(sum_dtype(value.device))
             acc[0] = acc[0] + value * weight
             acc[1] += weight
 

@@ -11,7 +11,7 @@ from lmforge.model.config import flops_per_token, n_params
 from lmforge.model.memory import ModelShape, auto_micro_batch
 from lmforge.model.sharded import read_safetensors, write_model_dir
 from lmforge.train.config import PretrainConfig
-from lmforge.train.deepspeed import deepspeed_notice, engine_config
+from lmforge.train.deepspeed import deepspeed_plan
 from lmforge.train.data import MixtureSampler, PretrainData, SourceTokens, micro_batches
 from lmforge.train.distributed import init_runtime, shutdown
 from lmforge.train.loop import Job, RunSpec, train
@@ -23,8 +23,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     tc = cfg.train
     rt = init_runtime(tc.device, tc.parallel, tc.threads)
     try:
-        if rt.is_main and cfg.deepspeed is not None:
-            print(deepspeed_notice(cfg.deepspeed, rt.world_size, rt.device.type), flush=True)
+        ds_engine = None  # the ds_config when DeepSpeed's engine runs it
+        if cfg.deepspeed is not None:
+            ds_engine, notice = deepspeed_plan(cfg.deepspeed, rt.world_size, rt.device.type)
+            if rt.is_main:
+                print(notice, flush=True)
         data = PretrainData.open(cfg.data, cfg.model.vocab_size)
         meta = data.meta
         if cfg.model.vocab_size is None:
@@ -70,8 +73,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                             cfg.model.vocab_size),
             metrics=SourceTokens(train_sampler) if isinstance(train_sampler, MixtureSampler) else None,
         )
-        spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"),
-                       engine_config(cfg.deepspeed, rt.device.type) if cfg.deepspeed is not None else None)
+        spec = RunSpec(cfg.out_dir, cfg.resume, tc, cfg.guards, cfg.log, cfg.model_dump(mode="json"), ds_engine)
         summary = train(job, spec, rt)
         summary["n_params"] = n_params(cfg.model, include_embeddings=True)
         summary["tokens_per_step"] = job.tokens_per_step

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.device import autocast_for
+from lmforge.device import autocast_for, sum_dtype
 from lmforge.train.config import GuardConfig
 from lmforge.train.distributed import (Runtime, all_reduce_sum, any_rank, first_collective_micro, no_grad_sync,
                                        sum_on_device)
@@ -54,8 +54,7 @@ def _accumulate(job: Job, engine: Engine, state: TrainState, rt: Runtime, guards
     """
     step = state.step
     debug_here = os.environ.get(DEBUG_RANK_ENV, str(rt.rank)) == str(rt.rank)
-    loss_sum = torch.zeros((), dtype=torch.float32 if engine.device.type == "mps" else torch.float64,
-                           device=engine.device)
+    loss_sum = torch.zeros((), dtype=sum_dtype(engine.device), device=engine.device)
     in_tokens, oom = 0, None
     if debug_here and step + 1 in guards.debug_oom_steps and step + 1 not in state.oom_hooks_fired:
         state.oom_hooks_fired.add(step + 1)  # strikes before the step's first forward, as a real OOM might
